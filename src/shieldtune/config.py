@@ -1,0 +1,207 @@
+"""Run configuration: typed, validated once at the edge; YAML is only its serialised form.
+
+Unknown keys are refused, every problem is reported in one :class:`ConfigError` that names the
+field, the bad value and what is accepted. Adapter options are flat next to ``method`` and are
+validated by that method's own settings class, found through the closed adapter registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shieldtune.errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "SplitConfig",
+    "RunConfig",
+    "load_config",
+    "apply_overrides",
+    "to_yaml",
+    "adapter_settings",
+]
+
+Mode = Literal["local", "plain-split"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model, for which task."""
+
+    name: str = Field("minilm", description="preset (minilm, smollm2, tiny-*) or a local folder")
+    task: Literal["seq-cls", "causal-lm"] = Field("seq-cls", description="task head")
+
+
+class DataConfig(_Strict):
+    """Which data, how it is split and tokenised."""
+
+    dataset: str = Field("medical_abstracts", description="built-in dataset or 'table'")
+    data_dir: str | None = Field(None, description="folder of the built-in sets (default ../shared/data)")
+    path: str | None = Field(None, description="CSV/JSONL file when dataset is 'table'")
+    text: str | None = Field(None, description="text column of the table")
+    text_pair: str | None = Field(None, description="second text column of a pair task")
+    label: str | None = Field(None, description="label column of the table")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share")
+    split_seed: int = Field(0, ge=0, description="seed of the train/test split")
+    max_length: int = Field(128, ge=8, le=8192, description="max tokens per example")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on training rows")
+    max_test_examples: int | None = Field(None, ge=1, description="cap on test rows")
+
+
+class TrainConfig(_Strict):
+    """Optimisation budget."""
+
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
+    front_lr: float | None = Field(None, gt=0, description="learning rate of the front slice (split)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="gradient-norm clip")
+    seed: int = Field(0, ge=0, description="seed of initialisation, shuffling and dropout")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16 autocast is an option; it is slow on AVX2-only CPUs"
+    )
+    log_every: int = Field(10, ge=1, description="steps between metric lines")
+
+
+class SplitConfig(_Strict):
+    """Where the model is cut and what trains on each side (plain-split)."""
+
+    cut: int = Field(2, ge=0, description="layers run by the front slice")
+    front_adapter: dict[str, Any] | None = Field(
+        None, description="front-slice adapter, e.g. {method: spf, density: 0.01}; None = frozen"
+    )
+
+
+class RunConfig(_Strict):
+    """One training run."""
+
+    mode: Mode = Field("local", description="local | plain-split")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "lora"},
+        description="adapter of the trained (back) slice: {method: lora|prefix|full, ...options}",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs", description="parent folder of run folders")
+    run_name: str | None = Field(None, description="run folder name (default: mode-model-time)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _has_method(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "method" not in value:
+            raise ValueError("needs a 'method' key (lora, prefix, full)")
+        return value
+
+
+def adapter_settings(spec: dict[str, Any], where: str) -> tuple[str, Any]:
+    """Resolve ``{method: name, **options}`` through the adapter registry and validate options.
+
+    Returns:
+        ``(method, settings)`` with settings an instance of the method's config class.
+
+    Raises:
+        ConfigError: Unknown method (lists the registered ones) or invalid options.
+    """
+    from shieldtune.adapters import ADAPTERS, parse_config
+
+    options = dict(spec)
+    method = options.pop("method", None)
+    entry = ADAPTERS.get(str(method), field=f"{where}.method")
+    return entry.name, parse_config(entry.config_cls, options, where)
+
+
+def _problems(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"{field}: {e['msg']}{got}")
+    return lines
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`, adapters included.
+
+    Raises:
+        ConfigError: Every problem found, one per line.
+    """
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_problems(err)) from None
+    problems: list[str] = []
+    specs = [("adapter", cfg.adapter)]
+    if cfg.mode == "plain-split" and cfg.split.front_adapter is not None:
+        specs.append(("split.front_adapter", cfg.split.front_adapter))
+    for where, spec in specs:
+        try:
+            adapter_settings(spec, where)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a config dict.
+
+    Raises:
+        ConfigError: An override is not of the form ``key.path=value``.
+    """
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.epochs=1")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: Missing/unreadable file, bad YAML, or invalid fields.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {file} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file} must hold a mapping at the top level")
+    data.setdefault("adapter", {"method": "lora"})  # so `adapter.rank=4` overrides the default
+    return validate(apply_overrides(data, overrides or []))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """Serialise a config (the resolved form written to every run folder)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,63 @@
+"""The run folder: written under a temporary name and renamed only when the run completes.
+
+A crashed or interrupted run therefore never leaves a folder that looks complete: the final
+folder (with ``summary.json``) appears atomically, and the partial one is named ``.partial-*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunDir"]
+
+
+class RunDir:
+    """A run folder being written.
+
+    Args:
+        parent: Folder holding run folders.
+        name: The run's folder name.
+
+    Raises:
+        FileExistsError: A completed run of that name exists already.
+    """
+
+    def __init__(self, parent: Path, name: str) -> None:
+        self.final = parent / name
+        if self.final.exists():
+            raise FileExistsError(f"run folder {self.final} exists already; pick another run_name")
+        self.path = parent / f".partial-{name}"
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self._metrics = (self.path / "metrics.jsonl").open("a")
+        self.started = time.time()
+
+    def log(self, **record: Any) -> None:
+        """Append one metrics record (a JSON line) with the elapsed time."""
+        record = {"time_s": round(time.time() - self.started, 3), **record}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a text file inside the run folder."""
+        out = self.path / name
+        out.write_text(text)
+        return out
+
+    def finish(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` and move the folder to its final name (atomic rename)."""
+        self._metrics.close()
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        os.replace(self.path, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        """Close files; the partial folder stays under its ``.partial-`` name for inspection."""
+        if not self._metrics.closed:
+            self._metrics.close()
