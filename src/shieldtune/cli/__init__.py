@@ -1,0 +1,1 @@
+"""The ``shieldtune`` command line."""
