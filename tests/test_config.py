@@ -21,20 +21,33 @@ def test_defaults_and_round_trip(tmp_path):
 
 
 def test_overrides_parse_yaml_scalars_and_nested_keys():
-    cfg = load_config(None, ["train.epochs=2", "adapter.rank=4", "split.front_adapter={method: spf}",
-                             "mode=plain-split"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=2",
+            "adapter.rank=4",
+            "split.front_adapter={method: spf}",
+            "mode=plain-split",
+        ],
+    )
     assert cfg.train.epochs == 2 and cfg.adapter["rank"] == 4
     assert cfg.split.front_adapter == {"method": "spf"}
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("train.epochs=0", r"train\.epochs"),
-    ("trian.epochs=1", r"trian: Extra inputs"),
-    ("mode=split", r"mode: Input should be 'local' or 'plain-split'"),
-    ("adapter.method=dora", r"adapter\.method: unknown adapter method 'dora'; accepted: full, lora"),
-    ("adapter.rank=0", r"adapter\.rank"),
-    ("data.test_fraction=1.5", r"data\.test_fraction"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", r"train\.epochs"),
+        ("trian.epochs=1", r"trian: Extra inputs"),
+        ("mode=split", r"mode: Input should be 'local' or 'plain-split'"),
+        (
+            "adapter.method=dora",
+            r"adapter\.method: unknown adapter method 'dora'; accepted: full, lora",
+        ),
+        ("adapter.rank=0", r"adapter\.rank"),
+        ("data.test_fraction=1.5", r"data\.test_fraction"),
+    ],
+)
 def test_bad_fields_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

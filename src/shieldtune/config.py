@@ -45,7 +45,9 @@ class DataConfig(_Strict):
     """Which data, how it is split and tokenised."""
 
     dataset: str = Field("medical_abstracts", description="built-in dataset or 'table'")
-    data_dir: str | None = Field(None, description="folder of the built-in sets (default ../shared/data)")
+    data_dir: str | None = Field(
+        None, description="folder of the built-in sets (default ../shared/data)"
+    )
     path: str | None = Field(None, description="CSV/JSONL file when dataset is 'table'")
     text: str | None = Field(None, description="text column of the table")
     text_pair: str | None = Field(None, description="second text column of a pair task")
@@ -65,7 +67,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="examples per step")
     eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
-    front_lr: float | None = Field(None, gt=0, description="learning rate of the front slice (split)")
+    front_lr: float | None = Field(
+        None, gt=0, description="learning rate of the front slice (split)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float | None = Field(1.0, gt=0, description="gradient-norm clip")
     seed: int = Field(0, ge=0, description="seed of initialisation, shuffling and dropout")

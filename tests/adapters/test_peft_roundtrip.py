@@ -18,7 +18,9 @@ from shieldtune.models import full_slice, load_model, slice_model
 ATTACH = {
     "lora": lambda s, m: attach_lora(s, m, LoraSettings(rank=4)),
     "prefix": lambda s, m: attach_prefix(s, m, PrefixSettings(num_virtual_tokens=3)),
-    "prefix-mlp": lambda s, m: attach_prefix(s, m, PrefixSettings(num_virtual_tokens=3, projection=True)),
+    "prefix-mlp": lambda s, m: attach_prefix(
+        s, m, PrefixSettings(num_virtual_tokens=3, projection=True)
+    ),
 }
 
 
@@ -46,7 +48,10 @@ def test_export_loads_in_peft_with_identical_logits(tmp_path, name, task, method
     # Assert
     real = mask.bool() if task == "causal-lm" else slice(None)
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == name
+    assert (
+        json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == name
+    )
 
 
 @pytest.mark.parametrize("method", sorted(ATTACH))

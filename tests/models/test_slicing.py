@@ -45,8 +45,9 @@ def test_full_slice_equals_model_and_padding_does_not_leak():
     model = loaded.model.eval()
     ids, mask = padded_batch()
     whole = full_slice(model)
-    torch.testing.assert_close(whole(ids, mask), model(input_ids=ids, attention_mask=mask).logits,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        whole(ids, mask), model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0
+    )
     # changing padded positions must not change the result of a padded row
     ids2 = ids.clone()
     ids2[mask == 0] = 7
@@ -73,8 +74,16 @@ def test_cut_out_of_range_is_refused(cut):
 def test_unknown_model_family_is_refused():
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                     num_attention_heads=2, word_embed_proj_dim=16, vocab_size=50))
+    model = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            vocab_size=50,
+        )
+    )
     with pytest.raises(ModelError, match="unknown model family 'opt'"):
         slice_model(model, 0)
 
@@ -94,7 +103,8 @@ def test_minilm_preset_loads_real_weights_offline():
     assert loaded.num_layers == 6 and loaded.model.config.hidden_size == 384
     enc = loaded.tokenizer(["chest pain and dyspnea", "a b"], padding=True, return_tensors="pt")
     front, back = slice_model(loaded.model.eval(), 2)
-    out = back(front(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]),
-               enc["attention_mask"])
+    out = back(
+        front(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]), enc["attention_mask"]
+    )
     ref = loaded.model(**enc).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

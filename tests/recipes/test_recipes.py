@@ -31,16 +31,27 @@ def keyword_table(tmp_path_factory):
 
 
 def _cfg(tmp_path, table, *extra):
-    return load_config(None, [
-        "data.dataset=table", f"data.path={table}", "data.text=text", "data.label=label",
-        "data.max_length=48", "model.name=tiny-llama", "train.batch_size=16", "train.lr=0.003",
-        "train.log_every=2", f"output_dir={tmp_path}", *extra])
+    return load_config(
+        None,
+        [
+            "data.dataset=table",
+            f"data.path={table}",
+            "data.text=text",
+            "data.label=label",
+            "data.max_length=48",
+            "model.name=tiny-llama",
+            "train.batch_size=16",
+            "train.lr=0.003",
+            "train.log_every=2",
+            f"output_dir={tmp_path}",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix", "full"])
 def test_local_recipe_learns_and_writes_a_complete_run_folder(tmp_path, keyword_table, method):
-    cfg = _cfg(tmp_path, keyword_table, f"adapter.method={method}", "train.epochs=6",
-               "run_name=r")
+    cfg = _cfg(tmp_path, keyword_table, f"adapter.method={method}", "train.epochs=6", "run_name=r")
     run = run_local(cfg)
     summary = json.loads((run / "summary.json").read_text())
     history = summary["history"]
@@ -71,7 +82,9 @@ def test_split_step_gradients_equal_the_unsplit_model():
     model = load_model("tiny-qwen2", "seq-cls", num_labels=3).model.eval()
     ids, mask = padded_batch()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2])}
-    task_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"], "seq-cls").backward()
+    task_loss(
+        model(input_ids=ids, attention_mask=mask).logits, batch["labels"], "seq-cls"
+    ).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     front, back = slice_model(model, 2)
@@ -81,8 +94,15 @@ def test_split_step_gradients_equal_the_unsplit_model():
 
 
 def test_plain_split_with_spf_changes_only_the_sparse_entries(tmp_path, keyword_table):
-    cfg = _cfg(tmp_path, keyword_table, "mode=plain-split", "split.cut=2",
-               "split.front_adapter={method: spf, density: 0.05}", "train.max_steps=4", "run_name=s")
+    cfg = _cfg(
+        tmp_path,
+        keyword_table,
+        "mode=plain-split",
+        "split.cut=2",
+        "split.front_adapter={method: spf, density: 0.05}",
+        "train.max_steps=4",
+        "run_name=s",
+    )
     run = run_plain_split(cfg)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["front_method"] == "spf" and summary["client_trainable_params"] > 0

@@ -121,8 +121,11 @@ def write_peft_folder(out_dir: Path, config: Any, tensors: dict[str, torch.Tenso
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(out_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     # PEFT reads this file; keep it minimal and human-readable
     cfg = json.loads((out_dir / "adapter_config.json").read_text())
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -137,10 +140,14 @@ def load_named(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) 
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ConfigError(f"adapter state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"adapter state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, p in params.items():
         if state[name].shape != p.shape:
-            raise ConfigError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+            raise ConfigError(
+                f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])

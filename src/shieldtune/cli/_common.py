@@ -53,8 +53,11 @@ def guarded(fn: Callable[[], int | None]) -> int:
     except Exception as err:  # noqa: BLE001  (last resort: one line, not a torch traceback)
         if os.environ.get("SHIELDTUNE_DEBUG"):
             raise
-        err_console.print(f"[bold red]unexpected error[/]: {type(err).__name__}: {err} "
-                          "(set SHIELDTUNE_DEBUG=1 for the traceback)", highlight=False)
+        err_console.print(
+            f"[bold red]unexpected error[/]: {type(err).__name__}: {err} "
+            "(set SHIELDTUNE_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
         return int(ExitCode.UNEXPECTED)
 
 
@@ -62,15 +65,26 @@ def guarded(fn: Callable[[], int | None]) -> int:
 def progress_bar(label: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A rich progress bar fed by the training loop's ``on_progress`` records."""
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} samples/s"),
-        TimeElapsedColumn(), console=console, transient=False, disable=not sys.stdout.isatty(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} samples/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not sys.stdout.isatty(),
     )
     task = progress.add_task(label, total=None, loss=float("nan"), rate=0.0)
 
     def update(info: dict[str, Any]) -> None:
-        progress.update(task, completed=info["step"], total=info["total"], loss=info["loss"],
-                        rate=info["samples_per_s"])
+        progress.update(
+            task,
+            completed=info["step"],
+            total=info["total"],
+            loss=info["loss"],
+            rate=info["samples_per_s"],
+        )
 
     with progress:
         yield update

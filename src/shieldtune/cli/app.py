@@ -13,8 +13,12 @@ import typer
 
 from shieldtune.cli._common import guarded
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="shieldtune: secure distributed fine-tuning of LLMs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="shieldtune: secure distributed fine-tuning of LLMs.",
+)
 
 
 def _exit(code: int) -> None:
@@ -26,8 +30,12 @@ from shieldtune.cli.train import EPILOG as _TRAIN_EPILOG  # noqa: E402
 
 @app.command(epilog=_TRAIN_EPILOG)
 def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML run config (default: built-in)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override: key.path=value")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML run config (default: built-in)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override: key.path=value")
+    ] = None,
 ) -> None:
     """Fine-tune a model in one mode (local, plain-split) and write a run folder."""
     from shieldtune.cli.train import train_command

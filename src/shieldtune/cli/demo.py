@@ -23,13 +23,20 @@ def demo_command(output_dir: str, max_train: int | None, epochs: int) -> int:
     except DataError:
         dataset = "medical_sample"
         console.print("[yellow]../shared/data not found: using the built-in medical sample[/]")
-    overrides = [f"data.dataset={dataset}", f"output_dir={output_dir}", f"train.epochs={epochs}",
-                 "train.lr=0.001", "adapter.rank=8", "adapter.alpha=16"]
+    overrides = [
+        f"data.dataset={dataset}",
+        f"output_dir={output_dir}",
+        f"train.epochs={epochs}",
+        "train.lr=0.001",
+        "adapter.rank=8",
+        "adapter.alpha=16",
+    ]
     if max_train:
         overrides.append(f"data.max_train_examples={max_train}")
     cfg = load_config(None, overrides)
-    console.print(f"demo: local LoRA on minilm (all-MiniLM-L6-v2) · dataset {dataset} · "
-                  f"{epochs} epoch(s)")
+    console.print(
+        f"demo: local LoRA on minilm (all-MiniLM-L6-v2) · dataset {dataset} · {epochs} epoch(s)"
+    )
     run_dir = run_and_report(cfg)
     acc = json.loads((run_dir / "summary.json").read_text())["accuracy"]
     console.print(f"[bold green]test accuracy: {acc:.4f}[/]")

@@ -14,7 +14,7 @@ __all__ = ["train_command", "run_and_report", "EPILOG"]
 
 EPILOG = """Example:
 
-  shieldtune train configs/local/lora_minilm.yaml --set train.epochs=1 --set data.max_train_examples=500
+  shieldtune train configs/local/lora_minilm.yaml --set train.epochs=1
 """
 
 
@@ -29,7 +29,15 @@ def run_and_report(cfg: RunConfig) -> Path:
     table = Table(title=f"{cfg.mode} on {summary['dataset']}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("accuracy", "macro_f1", "loss", "perplexity", "steps", "train_time_s", "samples_per_s"):
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "loss",
+        "perplexity",
+        "steps",
+        "train_time_s",
+        "samples_per_s",
+    ):
         if key in summary:
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

@@ -54,18 +54,42 @@ def _tiny(cls: type[PretrainedConfig], **kw: Any) -> Callable[[], PretrainedConf
 
 
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "tiny-llama": _tiny(LlamaConfig, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-    "tiny-qwen2": _tiny(Qwen2Config, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "tiny-llama": _tiny(
+        LlamaConfig,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "tiny-qwen2": _tiny(
+        Qwen2Config,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
     "tiny-gpt2": _tiny(GPT2Config, n_embd=64, n_layer=4, n_head=4, n_positions=1024),
-    "tiny-bert": _tiny(BertConfig, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, max_position_embeddings=1024),
+    "tiny-bert": _tiny(
+        BertConfig,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    ),
 }
 
 
-def _build(folder_or_config: str | Path | PretrainedConfig, task: TaskKind, num_labels: int | None,
-           **kw: Any) -> nn.Module:
+def _build(
+    folder_or_config: str | Path | PretrainedConfig,
+    task: TaskKind,
+    num_labels: int | None,
+    **kw: Any,
+) -> nn.Module:
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     if task == "seq-cls":
         kw["num_labels"] = num_labels
@@ -104,8 +128,9 @@ def minilm_folder() -> Path:
     return folder
 
 
-def _load_folder(folder: str | Path, name: str, task: TaskKind, num_labels: int | None,
-                 seed: int) -> LoadedModel:
+def _load_folder(
+    folder: str | Path, name: str, task: TaskKind, num_labels: int | None, seed: int
+) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # a fresh classification head is seeded
@@ -137,7 +162,9 @@ PRESETS.register("minilm", _load_minilm)
 PRESETS.register("smollm2", _load_smollm2)
 
 
-def load_model(name: str, task: TaskKind, num_labels: int | None = None, *, seed: int = 0) -> LoadedModel:
+def load_model(
+    name: str, task: TaskKind, num_labels: int | None = None, *, seed: int = 0
+) -> LoadedModel:
     """Load a preset or a local Hugging Face folder for a task.
 
     Args:

@@ -139,13 +139,19 @@ class ModelSlice(nn.Module):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor, prefix_len: int
     ) -> torch.Tensor:
         causal = self.family.causal
-        mask = additive_mask(attention_mask, causal=causal, prefix_len=prefix_len, dtype=hidden.dtype)
+        mask = additive_mask(
+            attention_mask, causal=causal, prefix_len=prefix_len, dtype=hidden.dtype
+        )
         extras = self.family.layer_extras(self.shared, hidden, pos)
         cache = None
         if self.prefix is not None:
             kv = self.prefix.prefix_kv(hidden.shape[0])  # per layer: 2 × (B, H_kv, P, Dh)
-            cache = _PrefixCache({i: (k.to(hidden.dtype), v.to(hidden.dtype))
-                                  for i, (k, v) in zip(self.layer_ids, kv, strict=True)})
+            cache = _PrefixCache(
+                {
+                    i: (k.to(hidden.dtype), v.to(hidden.dtype))
+                    for i, (k, v) in zip(self.layer_ids, kv, strict=True)
+                }
+            )
         for layer in self.layers:
             hidden = self.family.run_layer(layer, hidden, mask, cache, extras)  # (B, T, d)
         return hidden

@@ -48,8 +48,10 @@ def load_dataset(cfg: RunConfig) -> Dataset:
             raise ConfigError(f"dataset 'table' needs {', '.join(missing)}")
         return load_table(Path(d.path), text=d.text, label=d.label, text_pair=d.text_pair)
     if d.dataset not in BUILTIN_DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {d.dataset!r}; accepted: "
-                          f"{', '.join(sorted(BUILTIN_DATASETS))}, table")
+        raise ConfigError(
+            f"data.dataset: unknown dataset {d.dataset!r}; accepted: "
+            f"{', '.join(sorted(BUILTIN_DATASETS))}, table"
+        )
     return load_builtin(d.dataset, d.data_dir)
 
 
@@ -57,15 +59,17 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load data and model, split with the split seed, tokenise both splits."""
     seed_everything(cfg.train.seed)
     ds = load_dataset(cfg)
-    train_ds, test_ds = train_test_split(ds, test_fraction=cfg.data.test_fraction,
-                                         seed=cfg.data.split_seed)
+    train_ds, test_ds = train_test_split(
+        ds, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed
+    )
     if cfg.data.max_train_examples:
         train_ds = subset(train_ds, range(min(cfg.data.max_train_examples, len(train_ds))))
     if cfg.data.max_test_examples:
         test_ds = subset(test_ds, range(min(cfg.data.max_test_examples, len(test_ds))))
     task = cfg.model.task
-    loaded = load_model(cfg.model.name, task, ds.num_labels if task == "seq-cls" else None,
-                        seed=cfg.train.seed)
+    loaded = load_model(
+        cfg.model.name, task, ds.num_labels if task == "seq-cls" else None, seed=cfg.train.seed
+    )
     if task == "seq-cls":
         enc = lambda part: encode_classification(part, loaded.tokenizer, cfg.data.max_length)  # noqa: E731
     else:
@@ -75,7 +79,9 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def open_run(cfg: RunConfig) -> RunDir:
     """Create the (partial) run folder and write the resolved config into it."""
-    name = cfg.run_name or f"{cfg.mode}-{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        cfg.run_name or f"{cfg.mode}-{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     run = RunDir(Path(cfg.output_dir), name)
     run.write_text("config.yaml", to_yaml(cfg))
     return run

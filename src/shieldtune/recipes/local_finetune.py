@@ -34,8 +34,9 @@ def run_local(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | No
     whole = full_slice(model)
     method, settings = adapter_settings(cfg.adapter, "adapter")
     adapter = ADAPTERS.get(method).attach(whole, model, settings)
-    optim = make_optim(adapter.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay,
-                       cfg.train.grad_clip)
+    optim = make_optim(
+        adapter.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip
+    )
     run = open_run(cfg)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
@@ -50,24 +51,48 @@ def run_local(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | No
     def evaluate_now() -> dict[str, float]:
         whole.eval()
         with autocast(cfg.train.precision):
-            return evaluate(lambda b: whole(*batch_forward_args(b)), prep.test, task,
-                            cfg.train.eval_batch_size, prep.num_labels)
+            return evaluate(
+                lambda b: whole(*batch_forward_args(b)),
+                prep.test,
+                task,
+                cfg.train.eval_batch_size,
+                prep.num_labels,
+            )
 
     # train
     try:
-        result = fit(step, evaluate_now, prep.train, epochs=cfg.train.epochs,
-                     batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                     max_steps=cfg.train.max_steps, log_every=cfg.train.log_every, run=run,
-                     on_progress=on_progress)
+        result = fit(
+            step,
+            evaluate_now,
+            prep.train,
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            max_steps=cfg.train.max_steps,
+            log_every=cfg.train.log_every,
+            run=run,
+            on_progress=on_progress,
+        )
         # save
         adapter.save(run.path / "adapter", base_model=cfg.model.name)
-        plot_metrics(run.path / "metrics.jsonl", run.path / "curves.png",
-                     title=f"local {method} · {cfg.model.name} · {prep.dataset.name}")
+        plot_metrics(
+            run.path / "metrics.jsonl",
+            run.path / "curves.png",
+            title=f"local {method} · {cfg.model.name} · {prep.dataset.name}",
+        )
     except BaseException:
         run.abort()
         raise
     # cleanup
-    return run.finish({"mode": "local", "method": method, "model": cfg.model.name,
-                       "dataset": prep.dataset.name, "train_rows": int(prep.train["labels"].shape[0]),
-                       "test_rows": int(prep.test["labels"].shape[0]),
-                       "trainable_params": optim.num_params(), **result})
+    return run.finish(
+        {
+            "mode": "local",
+            "method": method,
+            "model": cfg.model.name,
+            "dataset": prep.dataset.name,
+            "train_rows": int(prep.train["labels"].shape[0]),
+            "test_rows": int(prep.test["labels"].shape[0]),
+            "trainable_params": optim.num_params(),
+            **result,
+        }
+    )

@@ -25,8 +25,9 @@ from shieldtune.training import autocast, evaluate, fit, make_optim, task_loss
 __all__ = ["run_plain_split", "split_step"]
 
 
-def split_step(front, back, batch: dict[str, torch.Tensor], task: str, precision: str,
-               train_front: bool) -> torch.Tensor:
+def split_step(
+    front, back, batch: dict[str, torch.Tensor], task: str, precision: str, train_front: bool
+) -> torch.Tensor:
     """One split forward/backward. Returns the loss; gradients are left on both sides.
 
     client: h = front(x)                      (B, T, d)   -> "sent"
@@ -46,8 +47,9 @@ def split_step(front, back, batch: dict[str, torch.Tensor], task: str, precision
     return loss.detach()
 
 
-def run_plain_split(cfg: RunConfig,
-                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
+def run_plain_split(
+    cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> Path:
     """Split fine-tuning without protection; writes a run folder.
 
     Returns:
@@ -63,11 +65,16 @@ def run_plain_split(cfg: RunConfig,
         p.requires_grad_(False)
     front_adapter = None
     if cfg.split.front_adapter is not None:
-        front_method, front_settings = adapter_settings(cfg.split.front_adapter, "split.front_adapter")
+        front_method, front_settings = adapter_settings(
+            cfg.split.front_adapter, "split.front_adapter"
+        )
         extra = {}
         if front_method == "spf":
-            warm = list(batches(prep.train, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                                epoch=-1))
+            warm = list(
+                batches(
+                    prep.train, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed, epoch=-1
+                )
+            )
 
             def warmup_loss(i: int) -> torch.Tensor:
                 batch = warm[i % len(warm)]
@@ -76,12 +83,20 @@ def run_plain_split(cfg: RunConfig,
 
             extra["loss_fn"] = warmup_loss
         front_adapter = ADAPTERS.get(front_method).attach(front, model, front_settings, **extra)
-    server_opt = make_optim(back_adapter.trainable_parameters(), train_cfg.lr,
-                            train_cfg.weight_decay, train_cfg.grad_clip)
+    server_opt = make_optim(
+        back_adapter.trainable_parameters(),
+        train_cfg.lr,
+        train_cfg.weight_decay,
+        train_cfg.grad_clip,
+    )
     client_opt = None
     if front_adapter is not None:
-        client_opt = make_optim(front_adapter.trainable_parameters(), train_cfg.front_lr or train_cfg.lr,
-                                train_cfg.weight_decay, train_cfg.grad_clip)
+        client_opt = make_optim(
+            front_adapter.trainable_parameters(),
+            train_cfg.front_lr or train_cfg.lr,
+            train_cfg.weight_decay,
+            train_cfg.grad_clip,
+        )
     run = open_run(cfg)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
@@ -103,23 +118,40 @@ def run_plain_split(cfg: RunConfig,
 
     # train
     try:
-        result = fit(step, evaluate_now, prep.train, epochs=train_cfg.epochs,
-                     batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                     max_steps=train_cfg.max_steps, log_every=train_cfg.log_every, run=run,
-                     on_progress=on_progress)
+        result = fit(
+            step,
+            evaluate_now,
+            prep.train,
+            epochs=train_cfg.epochs,
+            batch_size=train_cfg.batch_size,
+            seed=train_cfg.seed,
+            max_steps=train_cfg.max_steps,
+            log_every=train_cfg.log_every,
+            run=run,
+            on_progress=on_progress,
+        )
         # save
         back_adapter.save(run.path / "back_adapter", base_model=cfg.model.name)
         if front_adapter is not None:
             front_adapter.save(run.path / "front_adapter", base_model=cfg.model.name)
-        plot_metrics(run.path / "metrics.jsonl", run.path / "curves.png",
-                     title=f"plain-split cut={cfg.split.cut} · {cfg.model.name} · {prep.dataset.name}")
+        plot_metrics(
+            run.path / "metrics.jsonl",
+            run.path / "curves.png",
+            title=f"plain-split cut={cfg.split.cut} · {cfg.model.name} · {prep.dataset.name}",
+        )
     except BaseException:
         run.abort()
         raise
     # cleanup
-    summary = {"mode": "plain-split", "cut": cfg.split.cut, "back_method": back_method,
-               "front_method": front_adapter.method if front_adapter else None,
-               "model": cfg.model.name, "dataset": prep.dataset.name,
-               "server_trainable_params": server_opt.num_params(),
-               "client_trainable_params": client_opt.num_params() if client_opt else 0, **result}
+    summary = {
+        "mode": "plain-split",
+        "cut": cfg.split.cut,
+        "back_method": back_method,
+        "front_method": front_adapter.method if front_adapter else None,
+        "model": cfg.model.name,
+        "dataset": prep.dataset.name,
+        "server_trainable_params": server_opt.num_params(),
+        "client_trainable_params": client_opt.num_params() if client_opt else 0,
+        **result,
+    }
     return run.finish(summary)

@@ -31,7 +31,9 @@ def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> Path:
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="test loss")
+        ax_loss.plot(
+            [r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="test loss"
+        )
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()

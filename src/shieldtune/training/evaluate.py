@@ -17,8 +17,13 @@ Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(forward: Forward, encoded: dict[str, torch.Tensor], task: str, batch_size: int,
-             num_labels: int | None = None) -> dict[str, float]:
+def evaluate(
+    forward: Forward,
+    encoded: dict[str, torch.Tensor],
+    task: str,
+    batch_size: int,
+    num_labels: int | None = None,
+) -> dict[str, float]:
     """Evaluate a model given as ``forward(batch) -> logits`` on an encoded split.
 
     Args:
@@ -45,6 +50,9 @@ def evaluate(forward: Forward, encoded: dict[str, torch.Tensor], task: str, batc
     loss = total / max(weight, 1)
     if task == "seq-cls":
         labels = encoded["labels"].tolist()
-        return {"loss": loss, "accuracy": accuracy(preds, labels),
-                "macro_f1": macro_f1(preds, labels, num_labels)}
+        return {
+            "loss": loss,
+            "accuracy": accuracy(preds, labels),
+            "macro_f1": macro_f1(preds, labels, num_labels),
+        }
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

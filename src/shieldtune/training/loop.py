@@ -67,13 +67,22 @@ def fit(
             steps += 1
             seen += int(batch["labels"].shape[0])
             running, count = running + loss, count + 1
-            info = {"step": steps, "total": total, "loss": loss,
-                    "samples_per_s": seen / max(train_time, 1e-9)}
+            info = {
+                "step": steps,
+                "total": total,
+                "loss": loss,
+                "samples_per_s": seen / max(train_time, 1e-9),
+            }
             if on_progress:
                 on_progress(info)
             if run and steps % log_every == 0:
-                run.log(kind="train", epoch=epoch + 1, step=steps, loss=running / count,
-                        samples_per_s=round(info["samples_per_s"], 2))
+                run.log(
+                    kind="train",
+                    epoch=epoch + 1,
+                    step=steps,
+                    loss=running / count,
+                    samples_per_s=round(info["samples_per_s"], 2),
+                )
                 running, count = 0.0, 0
             if max_steps and steps >= max_steps:
                 break
@@ -84,5 +93,10 @@ def fit(
             run.log(kind="eval", **record)
         if max_steps and steps >= max_steps:
             break
-    return FitResult(**metrics, steps=steps, train_time_s=round(train_time, 3),
-                     samples_per_s=round(seen / max(train_time, 1e-9), 2), history=history)
+    return FitResult(
+        **metrics,
+        steps=steps,
+        train_time_s=round(train_time, 3),
+        samples_per_s=round(seen / max(train_time, 1e-9), 2),
+        history=history,
+    )

@@ -26,5 +26,6 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
         return F.cross_entropy(logits.float(), labels)
     shifted = logits[:, :-1].float()  # (B, T-1, V) predicts token t+1
     targets = labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )

@@ -21,8 +21,13 @@ class Optim:
         grad_clip: Max global gradient norm, or None.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, weight_decay: float,
-                 grad_clip: float | None) -> None:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float,
+        weight_decay: float,
+        grad_clip: float | None,
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -41,8 +46,12 @@ class Optim:
         return sum(p.numel() for p in self.params)
 
 
-def make_optim(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
-               grad_clip: float | None = 1.0) -> Optim:
+def make_optim(
+    params: Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+) -> Optim:
     """Build an :class:`Optim` (see there)."""
     return Optim(params, lr, weight_decay, grad_clip)
 

@@ -44,8 +44,11 @@ class FullAdapter:
         """Write the trained weights as ``model.safetensors`` (HF parameter names)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out_dir / "model.safetensors"),
-                  metadata={"format": "pt", "base_model": base_model})
+        save_file(
+            tensors,
+            str(out_dir / "model.safetensors"),
+            metadata={"format": "pt", "base_model": base_model},
+        )
 
 
 def attach_full(slice_: ModelSlice, model: nn.Module, settings: FullSettings) -> FullAdapter:

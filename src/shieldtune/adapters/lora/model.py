@@ -9,7 +9,13 @@ from peft import LoraConfig, TaskType, inject_adapter_in_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from shieldtune.adapters.base import freeze, head_parameters, hf_names, load_named, write_peft_folder
+from shieldtune.adapters.base import (
+    freeze,
+    head_parameters,
+    hf_names,
+    load_named,
+    write_peft_folder,
+)
 from shieldtune.adapters.lora.config import LoraSettings
 from shieldtune.errors import ConfigError
 from shieldtune.models.slicing import ModelSlice
@@ -39,7 +45,9 @@ class LoraAdapter:
             model_type
         )
         if not targets:
-            raise ConfigError(f"lora.target_modules: no default for model type {model_type!r}; set it")
+            raise ConfigError(
+                f"lora.target_modules: no default for model type {model_type!r}; set it"
+            )
         self.peft_config = LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha,
@@ -81,15 +89,20 @@ class LoraAdapter:
         config.base_model_name_or_path = base_model
         config.modules_to_save = head_names or None
         config.inference_mode = True
-        tensors = {f"base_model.model.{n.replace('.default', '')}": p
-                   for n, p in self._named().items()}
+        tensors = {
+            f"base_model.model.{n.replace('.default', '')}": p for n, p in self._named().items()
+        }
         write_peft_folder(out_dir, config, tensors)
 
 
 def _local_config(config: LoraConfig) -> LoraConfig:
     """The same config for injection into a bare layer list (indices restart at 0 there)."""
-    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules)
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+    )
 
 
 def attach_lora(slice_: ModelSlice, model: nn.Module, settings: LoraSettings) -> LoraAdapter:

@@ -15,7 +15,13 @@ from peft import PrefixTuningConfig, TaskType
 from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import nn
 
-from shieldtune.adapters.base import freeze, head_parameters, hf_names, load_named, write_peft_folder
+from shieldtune.adapters.base import (
+    freeze,
+    head_parameters,
+    hf_names,
+    load_named,
+    write_peft_folder,
+)
 from shieldtune.adapters.prefix.config import PrefixSettings
 from shieldtune.errors import ConfigError
 from shieldtune.models.slicing import ModelSlice

@@ -32,11 +32,18 @@ class SPFAdapter:
 
     method = "spf"
 
-    def __init__(self, slice_: ModelSlice, model: nn.Module, settings: SPFConfig,
-                 loss_fn: Callable[[int], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        slice_: ModelSlice,
+        model: nn.Module,
+        settings: SPFConfig,
+        loss_fn: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
         if settings.saliency == "gradient" and loss_fn is None:
-            raise ConfigError("spf.saliency: 'gradient' needs warm-up batches; use it in a "
-                              "recipe, or choose 'magnitude' or 'random'")
+            raise ConfigError(
+                "spf.saliency: 'gradient' needs warm-up batches; use it in a "
+                "recipe, or choose 'magnitude' or 'random'"
+            )
         self.settings = settings
         self.slice = slice_
         self.spf = SPFModel.from_saliency(slice_, settings, loss_fn)
@@ -74,12 +81,22 @@ class SPFAdapter:
         out_dir.mkdir(parents=True, exist_ok=True)
         delta = self.delta()
         delta.save(out_dir / DELTA_FILE)
-        meta = {"method": "spf", "base_model": base_model, "slice": [self.slice.start, self.slice.end],
-                "nnz": delta.nnz, "bytes": delta.nbytes(), **self.settings.model_dump()}
+        meta = {
+            "method": "spf",
+            "base_model": base_model,
+            "slice": [self.slice.start, self.slice.end],
+            "nnz": delta.nnz,
+            "bytes": delta.nbytes(),
+            **self.settings.model_dump(),
+        }
         (out_dir / "spf_config.json").write_text(json.dumps(meta, indent=2))
 
 
-def attach_spf(slice_: ModelSlice, model: nn.Module, settings: SPFConfig,
-               loss_fn: Callable[[int], torch.Tensor] | None = None) -> SPFAdapter:
+def attach_spf(
+    slice_: ModelSlice,
+    model: nn.Module,
+    settings: SPFConfig,
+    loss_fn: Callable[[int], torch.Tensor] | None = None,
+) -> SPFAdapter:
     """Choose SPF entries of ``slice_`` and make only them trainable (see :class:`SPFAdapter`)."""
     return SPFAdapter(slice_, model, settings, loss_fn)

@@ -28,6 +28,7 @@ def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ModelError(
-            f"unknown model family {model_type!r}; supported model types: {', '.join(FAMILIES.names())}"
+            f"unknown model family {model_type!r}; "
+            f"supported model types: {', '.join(FAMILIES.names())}"
         )
     return FAMILIES.get(model_type)

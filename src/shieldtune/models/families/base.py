@@ -63,7 +63,7 @@ class Family(ABC):
 
     @abstractmethod
     def body(self, model: nn.Module) -> nn.Module:
-        """The base transformer inside the task model (``model.model``, ``model.transformer``...)."""
+        """The base transformer inside the task model (``model.model``...)."""
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The list of transformer layers."""
@@ -110,7 +110,11 @@ class Family(ABC):
 
     @abstractmethod
     def head(
-        self, mods: nn.ModuleDict, hidden: torch.Tensor, attention_mask: torch.Tensor, task: TaskKind
+        self,
+        mods: nn.ModuleDict,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task: TaskKind,
     ) -> torch.Tensor:
         """Last hidden states (B, T, d) -> logits: (B, T, V) for causal LM, (B, C) for seq-cls."""
 

@@ -53,6 +53,8 @@ class LlamaFamily(Family):
         return mods["head"](pooled)  # (B, C)
 
     def kv_geometry(self, config: Any) -> KVGeometry:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return KVGeometry(config.num_hidden_layers, kv_heads, head_dim)

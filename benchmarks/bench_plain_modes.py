@@ -1,0 +1,165 @@
+"""Step time and peak memory of every plain (insecure) mode, one subprocess per mode.
+
+    python benchmarks/bench_plain_modes.py --model minilm --batch 16 --seq 128 --steps 5
+
+Each mode runs in its own process so its peak memory is its own (CPU: max RSS; CUDA: max
+allocated). Ratios are against local LoRA measured in the same run. Runs unchanged on CPU or
+CUDA (--device auto picks CUDA when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = {
+    "local-lora": ("local", {"method": "lora", "rank": 8}, None),
+    "local-prefix": ("local", {"method": "prefix", "num_virtual_tokens": 16}, None),
+    "local-full": ("local", {"method": "full"}, None),
+    "plain-split-lora": ("split", {"method": "lora", "rank": 8}, None),
+    "plain-split-spf1%+lora": (
+        "split",
+        {"method": "lora", "rank": 8},
+        {"method": "spf", "density": 0.01, "saliency": "magnitude"},
+    ),
+}
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+
+    from shieldtune.adapters import ADAPTERS
+    from shieldtune.config import adapter_settings
+    from shieldtune.models import full_slice, load_model, slice_model
+    from shieldtune.recipes import split_step
+    from shieldtune.training import autocast, make_optim, task_loss
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    torch.manual_seed(0)
+    kind, back_spec, front_spec = MODES[args.mode]
+    task = "causal-lm" if args.task == "causal-lm" else "seq-cls"
+    loaded = load_model(args.model, task, None if task == "causal-lm" else 5)
+    model = loaded.model.to(device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(5, vocab - 1, (args.batch, args.seq), device=device)
+    mask = torch.ones_like(ids)
+    labels = (
+        ids.clone() if task == "causal-lm" else torch.randint(0, 5, (args.batch,), device=device)
+    )
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    if kind == "local":
+        whole = full_slice(model)
+        method, settings = adapter_settings(back_spec, "adapter")
+        adapter = ADAPTERS.get(method).attach(whole, model, settings)
+        optims = [make_optim(adapter.trainable_parameters(), 1e-4)]
+
+        def step() -> None:
+            with autocast(args.precision):
+                logits = whole(ids, mask)
+            task_loss(logits, labels, task).backward()
+    else:
+        front, back = slice_model(model, args.cut)
+        method, settings = adapter_settings(back_spec, "adapter")
+        optims = [
+            make_optim(
+                ADAPTERS.get(method).attach(back, model, settings).trainable_parameters(), 1e-4
+            )
+        ]
+        for p in front.parameters():
+            p.requires_grad_(False)
+        if front_spec:
+            fm, fs = adapter_settings(front_spec, "split.front_adapter")
+            optims.append(
+                make_optim(ADAPTERS.get(fm).attach(front, model, fs).trainable_parameters(), 1e-4)
+            )
+
+        def step() -> None:
+            split_step(front, back, batch, task, args.precision, train_front=bool(front_spec))
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        for o in optims:
+            o.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        timed()
+    times = [timed() for _ in range(args.steps)]
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "mode": args.mode,
+        "device": str(device),
+        "step_s": statistics.median(times),
+        "peak_mb": peak_mb,
+        "trainable": sum(o.num_params() for o in optims),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--cut", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per mode")
+    args = parser.parse_args()
+    if args.mode:  # child process
+        print(json.dumps(run_one(args)))
+        return
+    print(
+        f"# plain modes · model {args.model} ({args.task}) · batch {args.batch}×{args.seq} · "
+        f"cut {args.cut} · {args.precision} · {platform.processor() or platform.machine()}"
+    )
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"{mode}: failed\n{out.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r["step_s"] for r in rows if r["mode"] == "local-lora"), None)
+    print(
+        f"{'mode':26} {'device':7} {'step s':>8} {'÷ local-lora':>12} "
+        f"{'peak MB':>9} {'trainable':>11}"
+    )
+    for r in rows:
+        ratio = f"{r['step_s'] / base:.2f}" if base else "-"
+        print(
+            f"{r['mode']:26} {r['device']:7} {r['step_s']:8.3f} {ratio:>12} "
+            f"{r['peak_mb']:9.0f} {r['trainable']:11,}"
+        )
+        if args.json:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
