@@ -15,7 +15,11 @@ runner = CliRunner()
     ("args", "code", "message"),
     [
         (["train", "/no/such.yaml"], ExitCode.CONFIG, "does not exist"),
-        (["train", "--set", "model.name=nope"], ExitCode.MODEL, "unknown model 'nope'"),
+        (
+            ["train", "--set", "model.name=nope", "--set", "data.dataset=medical_sample"],
+            ExitCode.MODEL,
+            "unknown model 'nope'",
+        ),
         (["train", "--set", "train.epochs=0"], ExitCode.CONFIG, "train.epochs"),
         (
             [
