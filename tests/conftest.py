@@ -49,3 +49,16 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"shared medical data not found at {folder}")
     return folder
+
+
+@pytest.fixture(scope="session")
+def attestation_dir() -> Path:
+    """The genuine SGX / TDX / SEV-SNP evidence; skips when it is not on this machine."""
+    env = os.environ.get("SHIELDTUNE_ATTESTATION_DIR")
+    path = Path(env) if env else SHARED / "attestation"
+    if not (path / "dcap" / "sgx_quote").is_file():
+        pytest.skip(
+            f"genuine attestation vectors not found at {path} "
+            "(set SHIELDTUNE_ATTESTATION_DIR to the shared/attestation folder)"
+        )
+    return path

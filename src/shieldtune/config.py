@@ -71,12 +71,24 @@ class TrainConfig(_Strict):
         None, gt=0, description="learning rate of the front slice (split)"
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    schedule: Literal["constant", "linear"] = Field(
+        "linear", description="learning rate: constant, or linear warm-up then decay to 0"
+    )
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
     grad_clip: float | None = Field(1.0, gt=0, description="gradient-norm clip")
     seed: int = Field(0, ge=0, description="seed of initialisation, shuffling and dropout")
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="bfloat16 autocast is an option; it is slow on AVX2-only CPUs"
     )
     log_every: int = Field(10, ge=1, description="steps between metric lines")
+    eval_generation: bool = Field(
+        False,
+        description="causal-lm: also evaluate greedy generations (gen_accuracy, gen_invalid_rate)",
+    )
+    zero_shot: bool = Field(
+        False,
+        description="local: evaluate the base model before training (epoch 0, zero_shot_*)",
+    )
 
 
 class SplitConfig(_Strict):

@@ -55,6 +55,36 @@ def demo(
     _exit(guarded(lambda: demo_command(output_dir, max_train, epochs)))
 
 
+@app.command(
+    epilog="Examples:\n\n  shieldtune attest --show-measurements\n\n"
+    "  shieldtune attest evidence.json --policy policy.yaml --at 2025-07-01T00:00:00Z"
+)
+def attest(
+    quote_file: Annotated[
+        Path | None, typer.Argument(help="evidence JSON or raw DCAP quote")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="policy YAML/JSON (default: strict)")] = None,
+    show_measurements: Annotated[
+        bool, typer.Option("--show-measurements", help="print enclave program measurements")
+    ] = False,
+    at: Annotated[
+        str | None, typer.Option(help="verification time, ISO 8601 (default: now)")
+    ] = None,
+    report_data: Annotated[str | None, typer.Option(help="expected report data, hex")] = None,
+) -> None:
+    """Print enclave measurements and verify a quote file against a policy."""
+    from datetime import datetime
+
+    from shieldtune.cli.attest import attest_command
+
+    def body() -> int:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00")) if at else None
+        show = show_measurements or quote_file is None  # nothing to verify: show measurements
+        return attest_command(quote_file, policy, show, at=when, report_data_hex=report_data)
+
+    _exit(guarded(body))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -18,8 +18,17 @@ from shieldtune.data.tasks import encode_classification, encode_instruction
 from shieldtune.errors import ConfigError
 from shieldtune.models import LoadedModel, load_model
 from shieldtune.training import RunDir
+from shieldtune.training.answers import AnswerForward, answer_metrics
+from shieldtune.training.loop import planned_steps
 
-__all__ = ["Prepared", "prepare", "open_run", "seed_everything", "batch_forward_args"]
+__all__ = [
+    "Prepared",
+    "prepare",
+    "open_run",
+    "seed_everything",
+    "batch_forward_args",
+    "answer_evaluation",
+]
 
 
 @dataclass
@@ -31,6 +40,8 @@ class Prepared:
     test: dict[str, torch.Tensor]
     dataset: Dataset
     num_labels: int
+    test_dataset: Dataset | None = None  # the test rows as examples (answer evaluation)
+    total_steps: int = 0  # optimisation steps the run will take (epochs × batches, or max_steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -74,7 +85,33 @@ def prepare(cfg: RunConfig) -> Prepared:
         enc = lambda part: encode_classification(part, loaded.tokenizer, cfg.data.max_length)  # noqa: E731
     else:
         enc = lambda part: encode_instruction(part, loaded.tokenizer, cfg.data.max_length)  # noqa: E731
-    return Prepared(loaded, enc(train_ds), enc(test_ds), ds, ds.num_labels)
+    t = cfg.train
+    steps = planned_steps(len(train_ds), t.epochs, t.batch_size, t.max_steps)
+    return Prepared(loaded, enc(train_ds), enc(test_ds), ds, ds.num_labels, test_ds, steps)
+
+
+def answer_evaluation(cfg: RunConfig, prep: Prepared, forward: AnswerForward) -> dict[str, float]:
+    """Answer metrics of a causal LM on a classification test split (``{}`` otherwise).
+
+    ``accuracy`` / ``macro_f1`` / ``mean_token_accuracy`` by scoring each allowed answer, plus
+    ``gen_accuracy`` / ``gen_invalid_rate`` when ``train.eval_generation`` is set.
+
+    Args:
+        cfg: The run config.
+        prep: What :func:`prepare` returned.
+        forward: ``forward(input_ids, attention_mask) -> (B, T, V)`` logits, in eval mode.
+    """
+    test = prep.test_dataset
+    if cfg.model.task != "causal-lm" or test is None or len(test.label_names) < 2:
+        return {}
+    return answer_metrics(
+        forward,
+        prep.loaded.tokenizer,
+        test,
+        max_length=cfg.data.max_length,
+        batch_size=cfg.train.eval_batch_size,
+        generation=cfg.train.eval_generation,
+    )
 
 
 def open_run(cfg: RunConfig) -> RunDir:

@@ -1,7 +1,8 @@
 """Recipe ``local``: the insecure single-party baseline (LoRA, P-tuning v2 or full fine-tuning).
 
 setup -> train -> save -> cleanup, with the whole model as one slice, so the forward is the
-same code the split modes run.
+same code the split modes run. With ``train.zero_shot`` the base model (before any adapter is
+attached) is evaluated first: an epoch-0 entry in the history and ``zero_shot_*`` in the summary.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from shieldtune.adapters import ADAPTERS
 from shieldtune.config import RunConfig, adapter_settings
 from shieldtune.models import full_slice
-from shieldtune.recipes._common import batch_forward_args, open_run, prepare
+from shieldtune.recipes._common import answer_evaluation, batch_forward_args, open_run, prepare
 from shieldtune.report import plot_metrics
 from shieldtune.training import autocast, evaluate, fit, make_optim, task_loss
 
@@ -32,11 +33,24 @@ def run_local(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | No
     prep = prepare(cfg)
     model, task = prep.loaded.model, cfg.model.task
     whole = full_slice(model)
+
+    def evaluate_now() -> dict[str, float]:
+        whole.eval()
+        with autocast(cfg.train.precision):
+            metrics = evaluate(
+                lambda b: whole(*batch_forward_args(b)),
+                prep.test,
+                task,
+                cfg.train.eval_batch_size,
+                prep.num_labels,
+            )
+            return {**metrics, **answer_evaluation(cfg, prep, whole)}
+
+    # the base model, before an adapter changes anything (evaluation draws no random numbers)
+    zero_shot = evaluate_now() if cfg.train.zero_shot else None
     method, settings = adapter_settings(cfg.adapter, "adapter")
     adapter = ADAPTERS.get(method).attach(whole, model, settings)
-    optim = make_optim(
-        adapter.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip
-    )
+    optim = make_optim(adapter.trainable_parameters(), cfg.train.lr, cfg.train, prep.total_steps)
     run = open_run(cfg)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
@@ -48,19 +62,10 @@ def run_local(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | No
         optim.step()
         return loss.item()
 
-    def evaluate_now() -> dict[str, float]:
-        whole.eval()
-        with autocast(cfg.train.precision):
-            return evaluate(
-                lambda b: whole(*batch_forward_args(b)),
-                prep.test,
-                task,
-                cfg.train.eval_batch_size,
-                prep.num_labels,
-            )
-
     # train
     try:
+        if zero_shot is not None:
+            run.log(kind="eval", epoch=0, step=0, **zero_shot)
         result = fit(
             step,
             evaluate_now,
@@ -73,6 +78,9 @@ def run_local(cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | No
             run=run,
             on_progress=on_progress,
         )
+        if zero_shot is not None:
+            result["history"].insert(0, {"epoch": 0, "step": 0, **zero_shot})
+            result.update({f"zero_shot_{k}": v for k, v in zero_shot.items()})
         # save
         adapter.save(run.path / "adapter", base_model=cfg.model.name)
         plot_metrics(

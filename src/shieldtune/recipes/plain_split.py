@@ -18,7 +18,7 @@ from shieldtune.adapters import ADAPTERS
 from shieldtune.config import RunConfig, adapter_settings
 from shieldtune.data.tasks import batches
 from shieldtune.models import slice_model
-from shieldtune.recipes._common import batch_forward_args, open_run, prepare
+from shieldtune.recipes._common import answer_evaluation, batch_forward_args, open_run, prepare
 from shieldtune.report import plot_metrics
 from shieldtune.training import autocast, evaluate, fit, make_optim, task_loss
 
@@ -84,18 +84,15 @@ def run_plain_split(
             extra["loss_fn"] = warmup_loss
         front_adapter = ADAPTERS.get(front_method).attach(front, model, front_settings, **extra)
     server_opt = make_optim(
-        back_adapter.trainable_parameters(),
-        train_cfg.lr,
-        train_cfg.weight_decay,
-        train_cfg.grad_clip,
+        back_adapter.trainable_parameters(), train_cfg.lr, train_cfg, prep.total_steps
     )
     client_opt = None
     if front_adapter is not None:
         client_opt = make_optim(
             front_adapter.trainable_parameters(),
             train_cfg.front_lr or train_cfg.lr,
-            train_cfg.weight_decay,
-            train_cfg.grad_clip,
+            train_cfg,
+            prep.total_steps,
         )
     run = open_run(cfg)
 
@@ -114,7 +111,11 @@ def run_plain_split(
             with autocast(train_cfg.precision):
                 return back(front(*batch_forward_args(b)), b["attention_mask"])
 
-        return evaluate(forward, prep.test, task, train_cfg.eval_batch_size, prep.num_labels)
+        def forward_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return forward({"input_ids": ids, "attention_mask": mask})
+
+        metrics = evaluate(forward, prep.test, task, train_cfg.eval_batch_size, prep.num_labels)
+        return {**metrics, **answer_evaluation(cfg, prep, forward_ids)}
 
     # train
     try:

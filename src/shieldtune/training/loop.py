@@ -15,7 +15,13 @@ import torch
 from shieldtune.data.tasks import batches
 from shieldtune.training.rundir import RunDir
 
-__all__ = ["fit", "FitResult"]
+__all__ = ["fit", "FitResult", "planned_steps"]
+
+
+def planned_steps(n_rows: int, epochs: int, batch_size: int, max_steps: int | None) -> int:
+    """Optimisation steps a run takes: ``epochs × ceil(n / batch)``, capped by ``max_steps``."""
+    total = epochs * -(-n_rows // batch_size)
+    return min(total, max_steps) if max_steps else total
 
 
 class FitResult(dict):
@@ -52,9 +58,7 @@ def fit(
     Returns:
         Final test metrics, with step count, training time and per-epoch history.
     """
-    n = int(train["labels"].shape[0])
-    per_epoch = -(-n // batch_size)
-    total = min(epochs * per_epoch, max_steps) if max_steps else epochs * per_epoch
+    total = planned_steps(int(train["labels"].shape[0]), epochs, batch_size, max_steps)
     steps, seen, train_time = 0, 0, 0.0
     history: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}

@@ -1,0 +1,1 @@
+"""Enclave programs shipped with shieldtune (registered in ``ENCLAVE_PROGRAMS``)."""

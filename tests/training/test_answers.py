@@ -1,0 +1,262 @@
+"""Answer evaluation of causal LMs: log-likelihood scoring, greedy generation, parsing, wiring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shieldtune.config import load_config
+from shieldtune.data.builtin import load_builtin
+from shieldtune.data.splits import subset
+from shieldtune.data.tables import Dataset
+from shieldtune.data.tasks import answer_token_ids, encode_instruction
+from shieldtune.errors import ModelError
+from shieldtune.models import full_slice, load_model, slice_model
+from shieldtune.recipes import run_local, run_plain_split
+from shieldtune.training.answers import (
+    answer_prompts,
+    generate_answers,
+    parse_answer,
+    score_answers,
+)
+
+# the sample's prompts take at most ~300 byte tokens: 400 leaves room for any answer, no truncation
+ROOMY = 400
+# a short template for the tests that run the model (byte tokens are many; CPU time is scarce)
+SHORT = "Which condition? {text}"
+NAMES = load_builtin("medical_sample").label_names
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loaded = load_model("tiny-llama", "causal-lm")
+    loaded.model.eval()
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def sample() -> Dataset:
+    """Five medical_sample rows, texts shortened (byte tokens are many) to different lengths."""
+    ds = subset(load_builtin("medical_sample"), range(5))
+    short = [dataclasses.replace(ex, text=ex.text[: 30 + 17 * i]) for i, ex in enumerate(ds)]
+    return Dataset(short, ds.label_names, ds.name)
+
+
+def _brute_force(model, tokenizer, ds: Dataset, c: int) -> list[float]:
+    """Log-likelihood of answer c for each example: one unpadded ``model(...)`` call per row.
+
+    The row and its loss mask come from ``encode_instruction`` with every label set to c
+    (at ROOMY nothing is truncated, so the prompt is the one score_answers uses).
+    """
+    relabelled = Dataset([dataclasses.replace(ex, label=c) for ex in ds], ds.label_names, ds.name)
+    enc = encode_instruction(relabelled, tokenizer, ROOMY, SHORT)
+    out = []
+    for i in range(len(ds)):
+        n = int(enc["attention_mask"][i].sum())
+        ids, labels = enc["input_ids"][i : i + 1, :n], enc["labels"][i, :n]
+        logits = model(input_ids=ids).logits[0]  # (n, V)
+        ce = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+        out.append(-float(ce))
+    return out
+
+
+def test_log_likelihoods_equal_independent_cross_entropies_and_argmax(tiny, sample):
+    # Prepare
+    model, tok = tiny.model, tiny.tokenizer
+    with torch.no_grad():
+        expected = torch.tensor([_brute_force(model, tok, sample, c) for c in range(5)]).T.double()
+    # Execute: batch of 7 candidate rows, so batches mix examples and lengths
+    got = score_answers(
+        full_slice(model), tok, sample, max_length=ROOMY, batch_size=7, task_prompt=SHORT
+    )
+    # Assert
+    scores = torch.tensor(got["log_likelihoods"], dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, atol=1e-3, rtol=1e-5)
+    assert got["predictions"] == expected.argmax(1).tolist()
+    counts = torch.tensor([len(answer_token_ids(tok, a)) + 1 for a in NAMES])
+    assert got["answer_tokens"] == counts.tolist()
+    assert got["mean_token_predictions"] == (expected / counts).argmax(1).tolist()
+    labels = sample.labels()
+    assert got["labels"] == labels
+    hits = sum(p == y for p, y in zip(got["predictions"], labels, strict=True))
+    assert got["accuracy"] == hits / 5
+    assert sum(v["support"] for v in got["per_class"].values()) == 5
+    assert sum(v["predicted"] for v in got["per_class"].values()) == 5
+
+
+def _teacher_forward(answer: str, tokenizer, boost: float = 30.0):
+    """A hand-built LM that dictates ``answer + eos`` after any prompt, whatever came before.
+
+    The byte tokenizer's chat template ends a prompt with ``<s>assistant\n``; from there on the
+    logit of the next token of ``answer + eos`` is ``boost`` (all others 0), so that answer is
+    by far the most likely continuation and greedy decoding writes it out exactly.
+    """
+    script = answer_token_ids(tokenizer, answer) + [tokenizer.eos_token_id]
+    opener = len(answer_token_ids(tokenizer, "assistant\n"))
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*input_ids.shape, len(tokenizer))  # (B, T, V)
+        for b, row in enumerate(input_ids.tolist()):
+            n = int(attention_mask[b].sum())
+            first = n - row[:n][::-1].index(tokenizer.bos_token_id) + opener  # answer start
+            for t in range(first - 1, min(n, first - 1 + len(script))):
+                logits[b, t, script[t - first + 1]] = boost
+        return logits
+
+    return forward
+
+
+@pytest.mark.parametrize("favoured", [4, 3])
+def test_a_hand_built_forward_decides_the_answer(tiny, sample, favoured):
+    forward = _teacher_forward(NAMES[favoured], tiny.tokenizer)
+    for batch_size in (1, 6):
+        got = score_answers(
+            forward, tiny.tokenizer, sample, max_length=ROOMY, batch_size=batch_size
+        )
+        assert got["predictions"] == [favoured] * 5
+        assert got["per_class"][NAMES[favoured]]["predicted"] == 5
+    gen = generate_answers(
+        forward, tiny.tokenizer, sample, max_length=ROOMY, max_new_tokens=40, batch_size=3
+    )
+    assert gen["generations"] == [NAMES[favoured]] * 5
+    assert gen["invalid_rate"] == 0.0
+    assert gen["accuracy"] == sum(y == favoured for y in sample.labels()) / 5
+    assert gen["examples"][0] == {
+        "generation": NAMES[favoured],
+        "label": NAMES[sample.labels()[0]],
+        "prediction": NAMES[favoured],
+        "valid": True,
+    }
+
+
+def test_split_path_scores_like_the_full_slice(tiny, sample):
+    model, tok = tiny.model, tiny.tokenizer
+    front, back = slice_model(model, 2)
+    whole = full_slice(model)
+    kw = {"max_length": ROOMY, "batch_size": 10, "task_prompt": SHORT}
+    full = score_answers(whole, tok, sample, **kw)
+    split = score_answers(lambda ids, mask: back(front(ids, mask), mask), tok, sample, **kw)
+    torch.testing.assert_close(
+        torch.tensor(split["log_likelihoods"]),
+        torch.tensor(full["log_likelihoods"]),
+        atol=1e-4,
+        rtol=0,
+    )
+    assert split["predictions"] == full["predictions"]
+
+
+def test_greedy_generation_matches_hf_generate_on_a_padded_batch(tiny, sample):
+    # Prepare: prompts of different lengths in one right-padded batch
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = answer_prompts(tok, sample, max_length=ROOMY, task_prompt=SHORT)
+    assert len({len(p) for p in prompts}) > 1
+    # Execute
+    got = generate_answers(
+        full_slice(model),
+        tok,
+        sample,
+        max_length=ROOMY,
+        max_new_tokens=4,
+        batch_size=5,
+        task_prompt=SHORT,
+    )
+    # Assert: each row equals Hugging Face greedy decoding of that prompt alone
+    for prompt, text in zip(prompts, got["generations"], strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=4,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        assert text == tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+YES_NO = ["yes", "no", "maybe"]
+
+
+@pytest.mark.parametrize(
+    ("text", "names", "expected"),
+    [
+        ("Neoplasms.", NAMES, 0),
+        ("neoplasms", NAMES, 0),
+        ("  **Neoplasms**\n", NAMES, 0),
+        ("Digestive  System\nDiseases, probably", NAMES, 1),
+        ("General pathological conditions!", NAMES, 4),
+        ("I think neoplasms", NAMES, None),
+        ("neoplasmsx", NAMES, None),
+        ("nervous", NAMES, None),  # only part of a name
+        ("", NAMES, None),
+        ("Maybe!", YES_NO, 2),
+        ("No.", YES_NO, 1),
+        ("nothing", YES_NO, None),
+        ("Yes sir.", ["yes", "yes sir"], 1),  # the longer name wins over its prefix
+        ("yes", ["Yes", "yes"], None),  # two names match: ambiguous
+        ("Neoplasms.", ["Neoplasms.", "other"], 0),  # trailing punctuation of a name ignored
+    ],
+)
+def test_parse_answer(text, names, expected):
+    assert parse_answer(text, names) == expected
+
+
+def test_seq_cls_logits_are_refused(sample, tiny):
+    def forward(ids, mask):
+        return torch.zeros(ids.shape[0], 5)
+
+    with pytest.raises(ModelError, match="token logits"):
+        score_answers(forward, tiny.tokenizer, sample, max_length=ROOMY, batch_size=4)
+
+
+# ------------------------------------------------------------------------------------------
+# wiring into the recipes
+# ------------------------------------------------------------------------------------------
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            "data.dataset=medical_sample",
+            "data.max_length=256",
+            "data.max_train_examples=8",
+            "data.max_test_examples=3",
+            "model.name=tiny-llama",
+            "model.task=causal-lm",
+            "train.batch_size=8",
+            "train.eval_batch_size=16",
+            "train.max_steps=2",
+            "train.epochs=1",
+            f"output_dir={tmp_path}",
+            *extra,
+        ],
+    )
+
+
+def test_local_recipe_reports_answer_metrics_and_zero_shot(tmp_path):
+    run = run_local(
+        _cfg(tmp_path, "train.zero_shot=true", "train.eval_generation=true", "run_name=zs")
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("loss", "perplexity", "accuracy", "macro_f1", "gen_accuracy", "gen_invalid_rate"):
+        assert key in summary and f"zero_shot_{key}" in summary
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    assert summary["history"][0]["step"] == 0
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [0, 1]
+    # the zero-shot pass changes nothing about training
+    plain = json.loads((run_local(_cfg(tmp_path, "run_name=plain")) / "summary.json").read_text())
+    assert "zero_shot_loss" not in plain and "gen_accuracy" not in plain
+    assert plain["loss"] == summary["loss"] and plain["accuracy"] == summary["accuracy"]
+
+
+def test_plain_split_reports_answer_metrics(tmp_path):
+    run = run_plain_split(_cfg(tmp_path, "mode=plain-split", "split.cut=2", "run_name=s"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"loss", "perplexity", "accuracy", "macro_f1", "mean_token_accuracy"} <= set(summary)
+    assert "gen_accuracy" not in summary
