@@ -9,6 +9,7 @@ secure split mode does over its channel, so the two differ only by the protectio
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +18,40 @@ import torch
 from shieldtune.adapters import ADAPTERS
 from shieldtune.config import RunConfig, adapter_settings
 from shieldtune.data.tasks import batches
-from shieldtune.models import slice_model
+from shieldtune.models import ModelSlice, slice_model
 from shieldtune.recipes._common import answer_evaluation, batch_forward_args, open_run, prepare
 from shieldtune.report import plot_metrics
+from shieldtune.split.step import client_backward, client_forward, server_step
 from shieldtune.training import autocast, evaluate, fit, make_optim, task_loss
+from shieldtune.training.rng import CLIENT_STREAM, SERVER_STREAM, RngStream
 
 __all__ = ["run_plain_split", "split_step"]
 
 
 def split_step(
-    front, back, batch: dict[str, torch.Tensor], task: str, precision: str, train_front: bool
+    front: ModelSlice,
+    back: ModelSlice,
+    batch: dict[str, torch.Tensor],
+    task: str,
+    precision: str,
+    train_front: bool,
+    streams: tuple[RngStream, RngStream] | None = None,
 ) -> torch.Tensor:
-    """One split forward/backward. Returns the loss; gradients are left on both sides.
+    """One split forward/backward in one process; returns the loss, leaves grads on both sides.
 
-    client: h = front(x)                      (B, T, d)   -> "sent"
-    server: loss = L(back(h_recv), y); g = ∂loss/∂h_recv  -> "returned"
-    client: h.backward(g)
+    The same three calls the secure split mode runs across the channel (see
+    :mod:`shieldtune.split.step`); each side draws dropout from its own random stream.
     """
-    ids, mask, types = batch_forward_args(batch)
-    with autocast(precision):
-        hidden = front(ids, mask, types)  # (B, T, d), client side
-    sent = hidden.detach().requires_grad_(True)  # (B, T, d), crosses the cut
-    with autocast(precision):
-        logits = back(sent, mask)  # (B, C) or (B, T, V), server side
-    loss = task_loss(logits, batch["labels"], task)
-    loss.backward()  # server: grads of its adapter, and sent.grad
+    client_rng, server_rng = streams or (None, None)
+    with client_rng.active() if client_rng else nullcontext():
+        hidden = client_forward(front, batch, precision)  # (B, T, d), client side
+    with server_rng.active() if server_rng else nullcontext():
+        loss, grad = server_step(
+            back, hidden, batch["attention_mask"], batch["labels"], task, precision
+        )  # (), (B, T, d): server side
     if train_front:
-        hidden.backward(sent.grad)  # client: (B, T, d) gradient from the server
-    return loss.detach()
+        client_backward(hidden, grad)  # client side
+    return loss
 
 
 def run_plain_split(
@@ -77,6 +84,8 @@ def run_plain_split(
             )
 
             def warmup_loss(i: int) -> torch.Tensor:
+                # eval mode: saliency draws no dropout, so it consumes no random numbers
+                front.eval(), back.eval()
                 batch = warm[i % len(warm)]
                 ids, mask, types = batch_forward_args(batch)
                 return task_loss(back(front(ids, mask, types), mask), batch["labels"], task)
@@ -94,11 +103,17 @@ def run_plain_split(
             train_cfg,
             prep.total_steps,
         )
+    streams = (
+        RngStream(train_cfg.seed + CLIENT_STREAM),
+        RngStream(train_cfg.seed + SERVER_STREAM),
+    )
     run = open_run(cfg)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         front.train(), back.train()
-        loss = split_step(front, back, batch, task, train_cfg.precision, client_opt is not None)
+        loss = split_step(
+            front, back, batch, task, train_cfg.precision, client_opt is not None, streams
+        )
         server_opt.step()
         if client_opt is not None:
             client_opt.step()
