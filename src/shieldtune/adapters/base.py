@@ -33,6 +33,7 @@ __all__ = [
     "write_peft_folder",
     "load_named",
     "freeze",
+    "NamedParamsAdapter",
 ]
 
 
@@ -157,3 +158,30 @@ def freeze(slice_: ModelSlice) -> None:
     """Make every parameter of ``slice_`` frozen (adapters then enable their own)."""
     for p in slice_.parameters():
         p.requires_grad_(False)
+
+
+class NamedParamsAdapter:
+    """State plumbing shared by adapters whose tensors are parameters of the model itself.
+
+    Subclasses set ``self.slice`` and ``self.model`` and implement ``trainable_parameters()``;
+    tensors are named by their Hugging Face parameter names.
+    """
+
+    slice: ModelSlice
+    model: nn.Module
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        raise NotImplementedError
+
+    def _named(self) -> dict[str, nn.Parameter]:
+        names = hf_names(self.slice, self.model)
+        return {names[id(p)]: p for p in self.trainable_parameters()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors only, keyed by Hugging Face parameter names."""
+        return {name: p.detach().clone() for name, p in self._named().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors produced by :meth:`state_dict` (names and shapes must match)."""
+        load_named(self._named(), state)

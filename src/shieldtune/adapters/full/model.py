@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from shieldtune.adapters.base import freeze, hf_names, load_named
+from shieldtune.adapters.base import NamedParamsAdapter, freeze
 from shieldtune.adapters.full.config import FullSettings
 from shieldtune.models.slicing import ModelSlice
 
 __all__ = ["FullAdapter", "attach_full"]
 
 
-class FullAdapter:
+class FullAdapter(NamedParamsAdapter):
     """Not an adapter: the whole slice trains (the insecure accuracy ceiling)."""
 
     method = "full"
@@ -29,16 +28,6 @@ class FullAdapter:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.slice.parameters() if p.requires_grad]
-
-    def _named(self) -> dict[str, nn.Parameter]:
-        names = hf_names(self.slice, self.model)
-        return {names[id(p)]: p for p in self.trainable_parameters()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self._named().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_named(self._named(), state)
 
     def save(self, out_dir: Path, *, base_model: str) -> None:
         """Write the trained weights as ``model.safetensors`` (HF parameter names)."""

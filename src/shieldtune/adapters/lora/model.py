@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, TaskType, inject_adapter_in_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from shieldtune.adapters.base import (
+    NamedParamsAdapter,
     freeze,
     head_parameters,
-    hf_names,
-    load_named,
     write_peft_folder,
 )
 from shieldtune.adapters.lora.config import LoraSettings
@@ -28,7 +26,7 @@ def peft_task_type(slice_: ModelSlice) -> TaskType:
     return TaskType.SEQ_CLS if slice_.task == "seq-cls" else TaskType.CAUSAL_LM
 
 
-class LoraAdapter:
+class LoraAdapter(NamedParamsAdapter):
     """LoRA matrices injected (by PEFT) into the linear layers of one slice.
 
     Args:
@@ -71,16 +69,6 @@ class LoraAdapter:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self._lora.values(), *self._head]
-
-    def _named(self) -> dict[str, nn.Parameter]:
-        names = hf_names(self.slice, self.model)
-        return {names[id(p)]: p for p in self.trainable_parameters()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self._named().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_named(self._named(), state)
 
     def save(self, out_dir: Path, *, base_model: str) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel``."""

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Family", "KVGeometry", "TaskKind", "task_of"]
+from shieldtune.models.masks import last_token_index
+
+__all__ = ["Family", "KVGeometry", "TaskKind", "task_of", "decoder_head"]
 
 TaskKind = Literal["seq-cls", "causal-lm"]
 
@@ -48,6 +50,33 @@ def task_of(model: nn.Module) -> TaskKind:
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal-lm"
     raise ValueError(f"model class {name} is neither a causal LM nor a sequence classifier")
+
+
+def decoder_head(
+    norm: nn.Module,
+    head: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    task: TaskKind,
+) -> torch.Tensor:
+    """Final norm, then the LM head on every position or the class head on the last real token.
+
+    Args:
+        norm: The final norm (RMSNorm / LayerNorm).
+        head: ``lm_head`` (causal-lm) or ``score`` (seq-cls).
+        hidden: (B, T, d) last hidden states.
+        attention_mask: (B, T) right-padding mask.
+        task: ``causal-lm`` or ``seq-cls``.
+
+    Returns:
+        (B, T, V) or (B, C) logits.
+    """
+    hidden = norm(hidden)  # (B, T, d)
+    if task == "causal-lm":
+        return head(hidden)  # (B, T, V)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    pooled = hidden[rows, last_token_index(attention_mask)]  # (B, d)
+    return head(pooled)  # (B, C)
 
 
 class Family(ABC):

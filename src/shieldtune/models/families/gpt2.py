@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from shieldtune.models.families.base import Family, KVGeometry, TaskKind
-from shieldtune.models.masks import last_token_index
+from shieldtune.models.families.base import Family, KVGeometry, TaskKind, decoder_head
 
 __all__ = ["GPT2Family"]
 
@@ -42,12 +40,7 @@ class GPT2Family(Family):
         return layer(hidden, past_key_values=cache, attention_mask=mask)  # (B, T, d)
 
     def head(self, mods, hidden, attention_mask, task):
-        hidden = mods["ln_f"](hidden)  # (B, T, d)
-        if task == "causal-lm":
-            return mods["head"](hidden)  # (B, T, V)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last_token_index(attention_mask)]  # (B, d)
-        return mods["head"](pooled)  # (B, C)
+        return decoder_head(mods["ln_f"], mods["head"], hidden, attention_mask, task)
 
     def kv_geometry(self, config: Any) -> KVGeometry:
         return KVGeometry(config.n_layer, config.n_head, config.n_embd // config.n_head)
