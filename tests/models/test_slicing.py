@@ -108,3 +108,32 @@ def test_minilm_preset_loads_real_weights_offline():
     )
     ref = loaded.model(**enc).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_hub_id_loads_from_the_local_cache_only(tmp_path, monkeypatch):
+    # Prepare: a cached hub snapshot of a tiny model, laid out as huggingface_hub does
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    tiny = load_model("tiny-gpt2", "causal-lm").model
+    snap = tmp_path / "models--acme--tiny-gpt2" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    tiny.config.to_json_file(snap / "config.json")
+    state = {k: v.contiguous() for k, v in tiny.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(snap / "model.safetensors"))
+    from shieldtune.models.tokenizers import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(snap)
+    (tmp_path / "models--acme--tiny-gpt2" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-gpt2" / "refs" / "main").write_text("0" * 40)
+    # Execute
+    loaded = load_model("acme/tiny-gpt2", "causal-lm")
+    # Assert
+    ids, mask = padded_batch()
+    torch.testing.assert_close(
+        loaded.model.eval()(input_ids=ids, attention_mask=mask).logits,
+        tiny.eval()(input_ids=ids, attention_mask=mask).logits,
+    )
+    with pytest.raises(ModelError, match="not a hub id in the local Hugging Face cache"):
+        load_model("acme/not-cached", "causal-lm")

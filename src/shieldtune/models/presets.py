@@ -7,6 +7,7 @@ id already in the local cache: nothing is downloaded, ``HF_HUB_OFFLINE`` is hono
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,20 @@ PRESETS.register("minilm", _load_minilm)
 PRESETS.register("smollm2", _load_smollm2)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _cached_hub_folder(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub id, if it is already cached (never downloads)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def load_model(
     name: str, task: TaskKind, num_labels: int | None = None, *, seed: int = 0
 ) -> LoadedModel:
@@ -169,7 +184,7 @@ def load_model(
 
     Args:
         name: A preset (``minilm``, ``smollm2``, ``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``,
-            ``tiny-bert``) or a local folder / cached hub id.
+            ``tiny-bert``), a local folder, or a hub id already in the local Hugging Face cache.
         task: ``"seq-cls"`` or ``"causal-lm"``.
         num_labels: Number of classes (``seq-cls`` only).
         seed: Seed of random initialisation (tiny models, fresh classification heads).
@@ -188,10 +203,13 @@ def load_model(
         loaded = PRESETS.get(name)(task, num_labels, seed)
     elif Path(name).is_dir():
         loaded = _load_folder(name, Path(name).name, task, num_labels, seed)
+    elif _HUB_ID.match(name) and (folder := _cached_hub_folder(name)) is not None:
+        loaded = _load_folder(folder, name, task, num_labels, seed)
     else:
         raise ModelError(
-            f"unknown model {name!r}: not a preset ({', '.join(PRESETS.names())}) "
-            "and not a local folder"
+            f"unknown model {name!r}: not a preset ({', '.join(PRESETS.names())}), "
+            "not a local folder, and not a hub id in the local Hugging Face cache "
+            "(nothing is downloaded)"
         )
     # refuse unsupported families and family/task pairs now, not at the first forward
     family_of(loaded.model).head_modules(loaded.model, task)
