@@ -15,27 +15,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
-# (preset, task) pairs every tiny family supports
-TINY_CASES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-llama", "seq-cls"),
-    ("tiny-qwen2", "causal-lm"),
-    ("tiny-qwen2", "seq-cls"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-gpt2", "seq-cls"),
-    ("tiny-bert", "seq-cls"),
-]
-
-
-def padded_batch(batch: int = 3, seq: int = 12, vocab: tuple[int, int] = (4, 200), seed: int = 0):
-    """Random token ids with right padding of different lengths in each row (pad id 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(vocab[0], vocab[1], (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    for row in range(1, batch):
-        mask[row, seq - 3 * row :] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+from _tiny import padded_batch  # noqa: E402
 
 
 @pytest.fixture

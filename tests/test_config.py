@@ -39,7 +39,7 @@ def test_overrides_parse_yaml_scalars_and_nested_keys():
     [
         ("train.epochs=0", r"train\.epochs"),
         ("trian.epochs=1", r"trian: Extra inputs"),
-        ("mode=split", r"mode: Input should be 'local' or 'plain-split'"),
+        ("mode=bogus", r"mode: Input should be 'local', 'plain-split'"),
         (
             "adapter.method=dora",
             r"adapter\.method: unknown adapter method 'dora'; accepted: full, lora",

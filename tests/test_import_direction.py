@@ -30,6 +30,9 @@ FORBIDDEN = {
     "data": {"models", "adapters", "crypto", "tee", "training", "recipes", "cli", "report"},
     "training": {"crypto", "tee", "recipes", "cli"},
     "recipes": {"cli"},
+    "transport": {"models", "adapters", "data", "training", "recipes", "cli", "split", "federated"},
+    "split": {"recipes", "cli", "federated"},
+    "federated": {"recipes", "cli", "split", "transport"},
 }
 
 

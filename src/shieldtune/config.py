@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shieldtune.errors import ConfigError
 
@@ -20,6 +27,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "SplitConfig",
+    "FederatedConfig",
     "RunConfig",
     "load_config",
     "apply_overrides",
@@ -27,7 +35,7 @@ __all__ = [
     "adapter_settings",
 ]
 
-Mode = Literal["local", "plain-split"]
+Mode = Literal["local", "plain-split", "split", "plain-fedavg", "secure-fedavg"]
 
 
 class _Strict(BaseModel):
@@ -98,12 +106,51 @@ class SplitConfig(_Strict):
     front_adapter: dict[str, Any] | None = Field(
         None, description="front-slice adapter, e.g. {method: spf, density: 0.01}; None = frozen"
     )
+    wire_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="split: dtype of the hidden states and gradients on the wire"
+    )
+    allow_simulated: bool = Field(
+        False,
+        description="split: accept a SIMULATED server enclave (no hardware protection); "
+        "development and testing only",
+    )
+
+
+class FederatedConfig(_Strict):
+    """Federated rounds on Flower (plain-fedavg, secure-fedavg)."""
+
+    num_clients: int = Field(3, ge=1, le=1000, description="client nodes (one data partition each)")
+    rounds: int = Field(3, ge=1, description="federated rounds")
+    local_epochs: int = Field(1, ge=1, description="passes over its partition per round")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="how training rows split")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID label skew)")
+    partition_seed: int = Field(0, ge=0, description="seed of the client partition")
+    min_clients: int = Field(2, ge=1, description="fewest accepted updates a round needs")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of clients sampled per round")
+    round_timeout_s: float = Field(600.0, gt=0, description="wait for replies, then drop")
+    max_update_mb: float = Field(64.0, gt=0, description="largest update accepted from a client")
+    backend: str = Field("simulated", description="server enclave backend (secure-fedavg)")
+    allow_simulated: bool = Field(
+        False, description="secure-fedavg: accept a SIMULATED enclave (no hardware protection)"
+    )
+    enclave_memory_mb: float = Field(256.0, gt=0, description="server enclave memory budget")
+    workers: int = Field(1, ge=1, description="client messages handled at once (simulation)")
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> FederatedConfig:
+        if self.min_clients > self.num_clients:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) exceeds num_clients ({self.num_clients})"
+            )
+        return self
 
 
 class RunConfig(_Strict):
     """One training run."""
 
-    mode: Mode = Field("local", description="local | plain-split")
+    mode: Mode = Field(
+        "local", description="local | plain-split | split | plain-fedavg | secure-fedavg"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     adapter: dict[str, Any] = Field(
@@ -111,6 +158,7 @@ class RunConfig(_Strict):
         description="adapter of the trained (back) slice: {method: lora|prefix|full, ...options}",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("runs", description="parent folder of run folders")
     run_name: str | None = Field(None, description="run folder name (default: mode-model-time)")
@@ -161,7 +209,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_problems(err)) from None
     problems: list[str] = []
     specs = [("adapter", cfg.adapter)]
-    if cfg.mode == "plain-split" and cfg.split.front_adapter is not None:
+    if cfg.mode in ("plain-split", "split") and cfg.split.front_adapter is not None:
         specs.append(("split.front_adapter", cfg.split.front_adapter))
     for where, spec in specs:
         try:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CASES, padded_batch
+from _tiny import TINY_CASES, padded_batch
 from peft import PeftModel
 
 from shieldtune.adapters import ADAPTERS, parse_config, register_adapter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CASES, padded_batch
+from _tiny import TINY_CASES, padded_batch
 
 from shieldtune.errors import ModelError
 from shieldtune.models import full_slice, load_model, slice_model

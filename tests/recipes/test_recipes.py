@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import padded_batch
+from _tiny import padded_batch
 
 from shieldtune.adapters.spf import DELTA_FILE, SparseDelta, apply_delta
 from shieldtune.config import load_config

@@ -1,0 +1,188 @@
+"""``ValidatedFedAvg``: Flower's FedAvg with per-update validation and a ``min_clients`` quorum.
+
+Flower's ``FedAvg`` averages whatever arrives (a NaN update poisons the global model; one reply
+with other keys aborts the run). This subclass keeps Flower's sampling, messages and metric
+aggregation, and replaces only the array aggregation: each update is screened on its own
+(:func:`~shieldtune.federated.aggregate.screen_updates`: structure of the global adapter,
+finite, size), refused ones are logged and dropped, and the accepted ones are averaged with
+:func:`~shieldtune.federated.aggregate.fedavg` when at least ``min_clients`` remain; otherwise
+the round keeps the previous global adapter.
+
+Every round's outcome goes to ``on_event`` (the recipe writes it to ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from shieldtune.federated.aggregate import Spec, fedavg, screen_updates, spec_of
+from shieldtune.federated.codec import from_array_record, to_array_record
+
+__all__ = ["ValidatedFedAvg", "Event"]
+
+log = logging.getLogger("shieldtune.federated")
+Event = Callable[[dict[str, Any]], None]
+WEIGHT_KEY = "num-examples"
+
+
+class ValidatedFedAvg(FedAvg):
+    """FedAvg (weighted by ``num-examples``) that refuses bad updates one by one.
+
+    Args:
+        min_clients: Fewest accepted updates a round needs (also Flower's minimum of sampled
+            and available nodes).
+        fraction: Share of the nodes sampled for training and evaluation each round.
+        max_update_bytes: Size limit of one update (None: no limit).
+        on_event: Receives one dict per round outcome, refusal and dropped client.
+    """
+
+    def __init__(
+        self,
+        min_clients: int = 2,
+        fraction: float = 1.0,
+        max_update_bytes: int | None = None,
+        on_event: Event | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction,
+            fraction_evaluate=fraction,
+            min_train_nodes=min_clients,
+            min_evaluate_nodes=min_clients,
+            min_available_nodes=min_clients,
+            weighted_by_key=WEIGHT_KEY,
+        )
+        self.min_clients = min_clients
+        self.max_update_bytes = max_update_bytes
+        self.on_event = on_event or (lambda event: None)
+        self.spec: Spec | None = None  # structure of the global adapter, once there is one
+        self.sent: set[int] = set()  # nodes sent a message in the current step
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages (remembers who was asked)."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages (remembers who was asked)."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.sent = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def emit(self, **event: Any) -> None:
+        """Log an event and pass it to ``on_event``."""
+        log.info("%s", event)
+        self.on_event(event)
+
+    def dropped(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies without error; report each failed or silent client (dropped this round)."""
+        replies = list(replies)
+        silent = self.sent - {m.metadata.src_node_id for m in replies}
+        for node in sorted(silent):
+            self.emit(kind="dropped", round=server_round, node=node, reason="no reply in time")
+        self.sent = set()
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                self.emit(
+                    kind="dropped",
+                    round=server_round,
+                    node=msg.metadata.src_node_id,
+                    reason=str(msg.error.reason)[:300],
+                )
+            else:
+                valid.append(msg)
+        return valid
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen each update, FedAvg the accepted ones (None when fewer than ``min_clients``)."""
+        replies = list(replies)
+        valid = self.dropped(server_round, replies)
+        updates = []
+        for msg in valid:
+            try:
+                state = from_array_record(msg.content["arrays"])
+                weight = float(msg.content["metrics"][WEIGHT_KEY])  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError) as err:
+                state, weight = {}, 0.0
+                log.warning("malformed reply from %s: %s", msg.metadata.src_node_id, err)
+            updates.append((state, weight))
+        accepted, refused = screen_updates(updates, self.spec, self.max_update_bytes)
+        for i, reason in refused.items():
+            node = valid[i].metadata.src_node_id
+            self.emit(kind="refused", round=server_round, node=node, reason=reason)
+        return self.finish_round(
+            server_round,
+            len(replies),
+            len(accepted),
+            lambda: self.to_arrays(fedavg([updates[i] for i in accepted])),
+            [valid[i] for i in accepted],
+        )
+
+    def finish_round(
+        self,
+        server_round: int,
+        answered: int,
+        accepted: int,
+        new_arrays: Callable[[], ArrayRecord],
+        contributors: list[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the quorum, build the new global arrays, aggregate train metrics, emit all."""
+        if accepted < self.min_clients:
+            self.emit(
+                kind="round_failed",
+                round=server_round,
+                accepted=accepted,
+                min_clients=self.min_clients,
+                reason="fewer acceptable updates than min_clients; global adapter unchanged",
+            )
+            return None, None
+        arrays = new_arrays()
+        metrics = aggregate_metricrecords(
+            [m.content for m in contributors if "metrics" in m.content], WEIGHT_KEY
+        )
+        self.emit(
+            kind="aggregated",
+            round=server_round,
+            answered=answered,
+            accepted=accepted,
+            **{k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+        )
+        return arrays, metrics
+
+    def to_arrays(self, state: Any) -> ArrayRecord:
+        """The new global adapter as an ``ArrayRecord`` (and remember its structure)."""
+        self.spec = spec_of(state)
+        return to_array_record(state)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Sample-weighted mean of the clients' metrics of the global adapter."""
+        valid = self.dropped(server_round, replies)
+        good = [m for m in valid if "metrics" in m.content and WEIGHT_KEY in m.content["metrics"]]
+        if not good:
+            return None
+        metrics = aggregate_metricrecords([m.content for m in good], WEIGHT_KEY)
+        total = sum(float(m.content["metrics"][WEIGHT_KEY]) for m in good)  # type: ignore[arg-type]
+        self.emit(
+            kind="eval",
+            round=server_round,
+            clients=len(good),
+            examples=int(total),
+            **{k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+        )
+        return metrics

@@ -1,0 +1,192 @@
+"""Recipe ``split``: split fine-tuning with the server's back slice inside a TEE (Method 2).
+
+setup -> train -> save -> cleanup, on one machine: this process starts the host service (the
+``split-server`` enclave + the gRPC relay on loopback) and runs the client against it over
+real gRPC. The client keeps the front slice (and its SPF delta); the enclave keeps the back
+slice, its adapter and its optimiser, and the host sees only ciphertext. The run folder has the
+plain-split layout, except that the server adapter is never written in the clear: it is stored
+as the enclave's *sealed* state (``back_adapter.sealed``), readable only by the same enclave
+build.
+
+On machines without TEE hardware the enclave is a SIMULATION (no hardware protection); the run
+refuses to start unless ``split.allow_simulated: true`` and labels itself simulated in its
+logs and summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shieldtune.config import RunConfig
+from shieldtune.errors import ConfigError
+from shieldtune.models import slice_model
+from shieldtune.recipes._common import answer_evaluation, open_run, prepare
+from shieldtune.report import plot_metrics
+from shieldtune.split.client import SplitClient, attach_front_adapter
+from shieldtune.split.service import (
+    SIMULATED_TEE,
+    SplitService,
+    connect,
+    program_config,
+    split_policy,
+)
+from shieldtune.tee.audit import AuditLog
+from shieldtune.training import evaluate, fit, make_optim
+from shieldtune.training.rng import CLIENT_STREAM, RngStream
+
+__all__ = ["run_split_secure", "SEALED_FILE"]
+
+log = logging.getLogger("shieldtune.split")
+SEALED_FILE = "back_adapter.sealed"
+BACKEND = "simulated"  # the only backend these machines have; hardware backends slot in here
+
+
+def run_split_secure(
+    cfg: RunConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> Path:
+    """Split fine-tuning against a server enclave over loopback gRPC; writes a run folder.
+
+    Returns:
+        The completed run folder.
+
+    Raises:
+        ConfigError: The enclave would be simulated and ``split.allow_simulated`` is false.
+        AttestationError: The server enclave failed verification.
+    """
+    if BACKEND == "simulated" and not cfg.split.allow_simulated:
+        raise ConfigError(
+            "split.allow_simulated: the server enclave on this machine is SIMULATED (no "
+            "hardware protection) and split.allow_simulated is false; set it to true for "
+            "development and testing only"
+        )
+    # setup: client side (the whole model is loaded, only the front slice is used)
+    prep = prepare(cfg)
+    t, task = cfg.train, cfg.model.task
+    front, _ = slice_model(prep.loaded.model, cfg.split.cut)
+    for p in front.parameters():
+        p.requires_grad_(False)
+    program = program_config(
+        model=cfg.model.name,
+        task=task,
+        num_labels=prep.num_labels if task == "seq-cls" else None,
+        cut=cfg.split.cut,
+        adapter=cfg.adapter,
+        lr=t.lr,
+        train=t,
+        seed=t.seed,
+        total_steps=prep.total_steps,
+        wire_dtype=cfg.split.wire_dtype,
+    )
+    run = open_run(cfg)
+    audit = AuditLog()  # the host's view of the enclave boundary
+    service = SplitService(program, backend=BACKEND, audit=audit)
+    transport = None
+    try:
+        service.start()
+        log.warning("split run: server TEE is %s", service.tee)
+        policy = split_policy(
+            program,
+            allow_simulated=cfg.split.allow_simulated,
+            simulated_platform_keys=[k for k in [service.platform_public_key] if k],
+        )
+        remote, transport = connect(service.address, policy, wire_dtype=cfg.split.wire_dtype)
+        server_info = remote.init()
+        front_adapter = None
+        if cfg.split.front_adapter is not None:
+            front_adapter = attach_front_adapter(
+                front,
+                prep.loaded.model,
+                cfg.split.front_adapter,
+                remote,
+                prep.train,
+                batch_size=t.batch_size,
+                seed=t.seed,
+            )
+        client_opt = None
+        if front_adapter is not None:
+            params = front_adapter.trainable_parameters()
+            client_opt = make_optim(params, t.front_lr or t.lr, t, prep.total_steps)
+        client = SplitClient(
+            front,
+            remote,
+            task=task,
+            precision=t.precision,
+            rng=RngStream(t.seed + CLIENT_STREAM),
+            optim=client_opt,
+        )
+
+        def evaluate_now() -> dict[str, float]:
+            def forward_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return client.logits({"input_ids": ids, "attention_mask": mask})
+
+            metrics = evaluate(client.logits, prep.test, task, t.eval_batch_size, prep.num_labels)
+            return {**metrics, **answer_evaluation(cfg, prep, forward_ids)}
+
+        # train
+        sent0, received0 = transport.bytes_sent, transport.bytes_received
+        result = fit(
+            client.train_step,
+            evaluate_now,
+            prep.train,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            max_steps=t.max_steps,
+            log_every=t.log_every,
+            run=run,
+            on_progress=on_progress,
+        )
+        wire = (transport.bytes_sent - sent0, transport.bytes_received - received0)
+        # save: the front delta in the clear (the client's own), the server state sealed
+        server_steps = client.finish()
+        remote.checkpoint()
+        service.seal(run.path / SEALED_FILE)
+        if front_adapter is not None:
+            front_adapter.save(run.path / "front_adapter", base_model=cfg.model.name)
+        plot_metrics(
+            run.path / "metrics.jsonl",
+            run.path / "curves.png",
+            title=f"split (TEE: {service.tee}) cut={cfg.split.cut} · {cfg.model.name} · "
+            f"{prep.dataset.name}",
+        )
+        audit.assert_nothing_clear("hidden*")
+        audit.assert_nothing_clear("grad*")
+        summary = {
+            "mode": "split",
+            "tee": service.tee,
+            "enclave_measurement": service.measurement,
+            "cut": cfg.split.cut,
+            "wire_dtype": cfg.split.wire_dtype,
+            "back_method": cfg.adapter["method"],
+            "front_method": front_adapter.method if front_adapter else None,
+            "model": cfg.model.name,
+            "dataset": prep.dataset.name,
+            "server_trainable_params": server_info["trainable_params"],
+            "client_trainable_params": client_opt.num_params() if client_opt else 0,
+            "server_steps": server_steps,
+            "wire_bytes_sent": wire[0],
+            "wire_bytes_received": wire[1],
+            "wire_bytes_per_step": round(sum(wire) / max(result["steps"], 1)),
+            "back_adapter": f"{SEALED_FILE} (sealed to the enclave measurement)",
+            **result,
+        }
+        # cleanup: the sealed file is bound to its path's rollback counter, so seal it again
+        # where the finished run folder puts it
+        run.write_text("enclave_audit.jsonl", "".join(c.to_json() + "\n" for c in audit.records))
+        final = run.finish(summary)
+        service.seal(final / SEALED_FILE)
+    except BaseException:
+        run.abort()
+        raise
+    finally:
+        if transport is not None:
+            transport.close()
+        service.stop()
+    if service.simulated:
+        log.warning("split run %s used a %s enclave", final.name, SIMULATED_TEE)
+    return final

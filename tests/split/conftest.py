@@ -1,0 +1,158 @@
+"""Split fixtures: a learnable keyword table, a throw-away simulated platform, a gRPC tap."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from shieldtune.tee.backends.simulated import PLATFORM_KEY_ENV
+
+
+@pytest.fixture(scope="session")
+def platform_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A temporary simulated platform key, also used by the recipe (through its env var)."""
+    key = tmp_path_factory.mktemp("platform") / "sim_platform_key"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PLATFORM_KEY_ENV, str(key))
+        yield key
+
+
+@pytest.fixture(scope="session")
+def keyword_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-class table a tiny random model can learn: the class is the first word."""
+    path = tmp_path_factory.mktemp("data") / "kw.csv"
+    rows = ["text,label"]
+    gen = torch.Generator().manual_seed(0)
+    words = ["fever", "cough", "rash", "pain", "nausea", "fatigue"]
+    for i in range(64):
+        label = i % 2
+        filler = " ".join(words[j] for j in torch.randint(0, 6, (4,), generator=gen).tolist())
+        rows.append(f"{'zzz' if label else 'aaa'} {filler},{label}")
+    path.write_text("\n".join(rows))
+    return path
+
+
+class Tap(grpc.ServerInterceptor):
+    """Records every gRPC message the server receives or sends: (method, direction, bytes)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def _keep(self, method: str, direction: str, data: bytes) -> None:
+        with self._lock:
+            self.messages.append((method, direction, bytes(data)))
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(details)
+        method = details.method
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            def unary(request: bytes, context: Any) -> bytes:
+                self._keep(method, "in", request)
+                reply = inner_uu(request, context)
+                self._keep(method, "out", reply)
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        inner_ss = handler.stream_stream
+
+        def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+            def tapped() -> Iterator[bytes]:
+                for request in requests:
+                    self._keep(method, "in", request)
+                    yield request
+
+            for reply in inner_ss(tapped(), context):
+                self._keep(method, "out", reply)
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(stream)
+
+    def joined(self) -> bytes:
+        """Every captured byte, concatenated."""
+        with self._lock:
+            return b"".join(m[2] for m in self.messages)
+
+
+# --------------------------------------------------------------------------- a live service
+LIMIT = 1 << 20  # gRPC messages above 1 MiB are refused (the oversized-frame test)
+
+
+@pytest.fixture(scope="session")
+def tiny_program() -> dict[str, Any]:
+    """The split-server config of the service tests: tiny-llama, cut 2, LoRA rank 4."""
+    from types import SimpleNamespace
+
+    from shieldtune.split.service import program_config
+
+    train = SimpleNamespace(
+        weight_decay=0.0, grad_clip=1.0, schedule="constant", warmup_ratio=0.0, precision="float32"
+    )
+    return program_config(
+        model="tiny-llama",
+        task="seq-cls",
+        num_labels=2,
+        cut=2,
+        adapter={"method": "lora", "rank": 4},
+        lr=0.01,
+        train=train,
+        seed=0,
+        total_steps=100,
+        allow_export=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def tap() -> Tap:
+    return Tap()
+
+
+@pytest.fixture(scope="session")
+def audit() -> Any:
+    from shieldtune.tee.audit import AuditLog
+
+    return AuditLog()
+
+
+@pytest.fixture(scope="session")
+def split_service(
+    tiny_program: dict[str, Any], platform_key: Path, tap: Tap, audit: Any
+) -> Iterator[Any]:
+    """One split-server enclave behind a loopback gRPC relay, shared by the service tests."""
+    from shieldtune.split.service import SplitService
+    from shieldtune.transport.grpc_server import RelayLimits
+
+    limits = RelayLimits(max_message_bytes=LIMIT, idle_timeout_s=30.0, max_sessions=16)
+    service = SplitService(
+        tiny_program, platform_key=platform_key, audit=audit, limits=limits, interceptors=[tap]
+    )
+    with service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def make_batch() -> Callable[..., dict[str, torch.Tensor]]:
+    return tiny_batch
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, seq: int = 10) -> dict[str, torch.Tensor]:
+    """Random byte-token ids with right padding and binary labels."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 200, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, seq - 3 :] = 0
+    ids[mask == 0] = 0
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
