@@ -25,3 +25,16 @@ def padded_batch(batch: int = 3, seq: int = 12, vocab: tuple[int, int] = (4, 200
         mask[row, seq - 3 * row :] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def write_keyword_table(path, rows: int = 96):
+    """A two-class CSV a tiny random model can learn: the class is the first word."""
+    lines = ["text,label"]
+    gen = torch.Generator().manual_seed(0)
+    words = ["fever", "cough", "rash", "pain", "nausea", "fatigue"]
+    for i in range(rows):
+        label = i % 2
+        filler = " ".join(words[j] for j in torch.randint(0, 6, (4,), generator=gen).tolist())
+        lines.append(f"{'zzz' if label else 'aaa'} {filler},{label}")
+    path.write_text("\n".join(lines))
+    return path

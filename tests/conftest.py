@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
-from _tiny import padded_batch  # noqa: E402
+from _tiny import padded_batch, write_keyword_table  # noqa: E402
 
 
 @pytest.fixture
@@ -42,3 +42,9 @@ def attestation_dir() -> Path:
             "(set SHIELDTUNE_ATTESTATION_DIR to the shared/attestation folder)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def keyword_table(tmp_path_factory) -> Path:
+    """A learnable two-class table (96 rows), shared by the recipe tests."""
+    return write_keyword_table(tmp_path_factory.mktemp("data") / "kw.csv")

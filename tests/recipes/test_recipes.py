@@ -15,21 +15,6 @@ from shieldtune.recipes import run_local, run_plain_split, split_step
 from shieldtune.training import task_loss
 
 
-@pytest.fixture(scope="module")
-def keyword_table(tmp_path_factory):
-    """A two-class table a tiny random model can learn: the class is the first word."""
-    path = tmp_path_factory.mktemp("data") / "kw.csv"
-    rows = ["text,label"]
-    gen = torch.Generator().manual_seed(0)
-    words = ["fever", "cough", "rash", "pain", "nausea", "fatigue"]
-    for i in range(96):
-        label = i % 2
-        filler = " ".join(words[j] for j in torch.randint(0, 6, (4,), generator=gen).tolist())
-        rows.append(f"{'zzz' if label else 'aaa'} {filler},{label}")
-    path.write_text("\n".join(rows))
-    return path
-
-
 def _cfg(tmp_path, table, *extra):
     return load_config(
         None,

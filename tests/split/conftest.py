@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from _tiny import write_keyword_table
 
 from shieldtune.tee.backends.simulated import PLATFORM_KEY_ENV
 
@@ -25,17 +26,8 @@ def platform_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def keyword_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-class table a tiny random model can learn: the class is the first word."""
-    path = tmp_path_factory.mktemp("data") / "kw.csv"
-    rows = ["text,label"]
-    gen = torch.Generator().manual_seed(0)
-    words = ["fever", "cough", "rash", "pain", "nausea", "fatigue"]
-    for i in range(64):
-        label = i % 2
-        filler = " ".join(words[j] for j in torch.randint(0, 6, (4,), generator=gen).tolist())
-        rows.append(f"{'zzz' if label else 'aaa'} {filler},{label}")
-    path.write_text("\n".join(rows))
-    return path
+    """The shared learnable table, 64 rows (the fidelity runs are step-for-step anyway)."""
+    return write_keyword_table(tmp_path_factory.mktemp("data") / "kw.csv", rows=64)
 
 
 class Tap(grpc.ServerInterceptor):
