@@ -22,7 +22,8 @@ from typing import Any
 
 from shieldtune.crypto.framing import MetaValue
 from shieldtune.errors import AttestationError
-from shieldtune.tee.attestation import CollateralSource, Evidence, attach_collateral
+from shieldtune.tee.attestation import CollateralSource, Evidence
+from shieldtune.tee.backends._hardware import SelfQuotingPlatform
 from shieldtune.tee.enclave import ENCLAVE_BACKENDS
 from shieldtune.tee.process import ProcessEnclave
 from shieldtune.tee.program import ENCLAVE_PROGRAMS, measure_program
@@ -168,7 +169,7 @@ def write_manifest(
     return path
 
 
-class GramineSgxPlatform:
+class GramineSgxPlatform(SelfQuotingPlatform):
     """Launch the runtime under ``gramine-sgx``; the enclave quotes and seals itself.
 
     Args:
@@ -181,6 +182,7 @@ class GramineSgxPlatform:
 
     name = "gramine-sgx"
     simulated = False
+    quote_origin = "Gramine"
     quote_source = "gramine"
     sealing = "gramine"
 
@@ -203,28 +205,6 @@ class GramineSgxPlatform:
         if self.launcher is not None:
             return list(self.launcher)
         return ["gramine-sgx", str(Path(self.manifest_dir or ".") / MANIFEST_NAME)]
-
-    def measurement(self, program: str, config: Mapping[str, MetaValue]) -> str:
-        """The program's SHA-256 (the quote attests MRENCLAVE of the signed manifest)."""
-        return measure_program(program, config)
-
-    def sealing_key(self, measurement: str) -> bytes | None:
-        """None: the enclave derives its key from Gramine's MRENCLAVE-bound sealing key."""
-        return None
-
-    def host_quote(
-        self, measurement: str, report_data: bytes, nonce: bytes, program: str
-    ) -> Evidence:
-        """Not used: the enclave quotes itself through /dev/attestation."""
-        raise AttestationError("Gramine quotes are produced inside the enclave")
-
-    def complete_evidence(self, evidence: Evidence) -> Evidence:
-        """Attach DCAP collateral from ``collateral`` (quote -> collateral JSON), if configured.
-
-        Collateral is public and signed by Intel, so the untrusted host may fetch it, e.g.
-        ``lambda q: asyncio.run(dcap_qvl.get_collateral(PCCS_URL, q)).to_json()``.
-        """
-        return attach_collateral(evidence, self.collateral)
 
     def counter(self, measurement: str, path: Path) -> FileCounter:
         """Host-side counter file for a sealed file (see the rollback caveat in the docs)."""

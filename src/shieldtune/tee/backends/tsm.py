@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from shieldtune.crypto.framing import MetaValue
 from shieldtune.errors import AttestationError, SealingError
-from shieldtune.tee.attestation import CollateralSource, Evidence, attach_collateral
+from shieldtune.tee.attestation import CollateralSource, Evidence
+from shieldtune.tee.backends._hardware import SelfQuotingPlatform
 from shieldtune.tee.enclave import ENCLAVE_BACKENDS
 from shieldtune.tee.process import ProcessEnclave
-from shieldtune.tee.program import measure_program
 from shieldtune.tee.sealing import FileCounter
 
 __all__ = [
@@ -208,7 +208,7 @@ def enclave_quote(report_data: bytes, root: str) -> Evidence:
     return evidence_from_tsm(tsm_report(report_data, Path(root) if root else TSM_REPORT_ROOT))
 
 
-class TsmPlatform:
+class TsmPlatform(SelfQuotingPlatform):
     """A process inside a TDX / SEV-SNP guest; quotes come from configfs-tsm inside it.
 
     Args:
@@ -219,6 +219,7 @@ class TsmPlatform:
     """
 
     simulated = False
+    quote_origin = "configfs-tsm"
     quote_source = "tsm"
     sealing = "none"  # no hardware sealing key in TDX / SEV-SNP guests: use a key broker
 
@@ -237,28 +238,6 @@ class TsmPlatform:
     def command(self, program: str) -> list[str]:
         """``python -m shieldtune.tee.runtime`` inside the guest."""
         return [sys.executable, "-m", "shieldtune.tee.runtime"]
-
-    def measurement(self, program: str, config: Mapping[str, MetaValue]) -> str:
-        """The program's SHA-256 (the quote itself attests the VM image: MRTD / MEASUREMENT)."""
-        return measure_program(program, config)
-
-    def sealing_key(self, measurement: str) -> bytes | None:
-        """None: TDX / SEV-SNP guests have no sealing key to hand out."""
-        return None
-
-    def host_quote(
-        self, measurement: str, report_data: bytes, nonce: bytes, program: str
-    ) -> Evidence:
-        """Not used: the enclave process quotes itself."""
-        raise AttestationError("configfs-tsm quotes are produced inside the guest")
-
-    def complete_evidence(self, evidence: Evidence) -> Evidence:
-        """Attach DCAP collateral from ``collateral`` (quote -> collateral JSON), if configured.
-
-        Collateral is public and signed by Intel, so the untrusted host may fetch it, e.g.
-        ``lambda q: asyncio.run(dcap_qvl.get_collateral(PCCS_URL, q)).to_json()``.
-        """
-        return attach_collateral(evidence, self.collateral)
 
     def counter(self, measurement: str, path: Path) -> FileCounter:
         """Counter file (sealing is refused on this backend anyway)."""
