@@ -38,3 +38,8 @@ def write_keyword_table(path, rows: int = 96):
         lines.append(f"{'zzz' if label else 'aaa'} {filler},{label}")
     path.write_text("\n".join(lines))
     return path
+
+
+def table_overrides(table) -> list[str]:
+    """Config overrides that point a run at a table written by :func:`write_keyword_table`."""
+    return ["data.dataset=table", f"data.path={table}", "data.text=text", "data.label=label"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import table_overrides
 
 from shieldtune.config import load_config
 from shieldtune.errors import ConfigError
@@ -21,10 +22,7 @@ def _cfg(tmp_path, table, *extra):
     return load_config(
         None,
         [
-            "data.dataset=table",
-            f"data.path={table}",
-            "data.text=text",
-            "data.label=label",
+            *table_overrides(table),
             "data.max_length=48",
             "model.name=tiny-llama",
             "train.batch_size=16",

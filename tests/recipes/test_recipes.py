@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _tiny import padded_batch
+from _tiny import padded_batch, table_overrides
 
 from shieldtune.adapters.spf import DELTA_FILE, SparseDelta, apply_delta
 from shieldtune.config import load_config
@@ -19,10 +19,7 @@ def _cfg(tmp_path, table, *extra):
     return load_config(
         None,
         [
-            "data.dataset=table",
-            f"data.path={table}",
-            "data.text=text",
-            "data.label=label",
+            *table_overrides(table),
             "data.max_length=48",
             "model.name=tiny-llama",
             "train.batch_size=16",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import table_overrides
 
 from shieldtune.adapters.spf import DELTA_FILE, SparseDelta
 from shieldtune.config import load_config
@@ -19,10 +20,7 @@ def _cfg(out: Path, table: Path, model: str, saliency: str, *extra: str):
     return load_config(
         None,
         [
-            "data.dataset=table",
-            f"data.path={table}",
-            "data.text=text",
-            "data.label=label",
+            *table_overrides(table),
             "data.max_length=32",
             "data.max_test_examples=8",
             f"model.name={model}",
