@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "SplitConfig",
     "FederatedConfig",
+    "ShieldedConfig",
     "RunConfig",
     "load_config",
     "apply_overrides",
@@ -35,7 +36,7 @@ __all__ = [
     "adapter_settings",
 ]
 
-Mode = Literal["local", "plain-split", "split", "plain-fedavg", "secure-fedavg"]
+Mode = Literal["local", "plain-split", "split", "plain-fedavg", "secure-fedavg", "shielded"]
 
 
 class _Strict(BaseModel):
@@ -145,11 +146,43 @@ class FederatedConfig(_Strict):
         return self
 
 
+class ShieldedConfig(_Strict):
+    """Method 1: the adapter in the party's TEE, frozen maps on an untrusted accelerator."""
+
+    offload: bool = Field(
+        True, description="offload the frozen linear maps (false: TEE-only baseline)"
+    )
+    w_bits: int = Field(12, ge=2, le=16, description="bits of the per-channel integer weights")
+    field_bits: int = Field(
+        0, ge=0, le=61, description="bits of the prime p (0: largest exact in one float64 GEMM)"
+    )
+    max_bits: int = Field(
+        0, ge=0, le=60, description="cap on the encoded operands' bits (0: what the field allows)"
+    )
+    check_rate: float = Field(1.0, ge=0, le=1, description="share of products Freivalds-checked")
+    pool_size: int = Field(1, ge=0, le=64, description="ready unmasking factors per stream")
+    refill: Literal["after-step", "idle"] = Field(
+        "after-step",
+        description="when the pool is topped up: after every step, or only between epochs "
+        "(misses are made on the spot)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="the accelerator's device")
+    gemm: str = Field("auto", description="exact GEMM backend of the accelerator (auto: probe)")
+    backend: str = Field("simulated", description="the party's enclave backend")
+    allow_simulated: bool = Field(
+        False, description="accept a SIMULATED enclave (no hardware protection); testing only"
+    )
+    enclave_memory_mb: float = Field(4096.0, gt=0, description="enclave memory budget")
+    capture: int = Field(
+        0, ge=0, description="operands the accelerator saves to the run folder (attacks)"
+    )
+
+
 class RunConfig(_Strict):
     """One training run."""
 
     mode: Mode = Field(
-        "local", description="local | plain-split | split | plain-fedavg | secure-fedavg"
+        "local", description="local | plain-split | split | plain-fedavg | secure-fedavg | shielded"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -159,6 +192,7 @@ class RunConfig(_Strict):
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    shielded: ShieldedConfig = Field(default_factory=ShieldedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("runs", description="parent folder of run folders")
     run_name: str | None = Field(None, description="run folder name (default: mode-model-time)")

@@ -17,6 +17,7 @@ __all__ = [
     "ChannelError",
     "IntegrityError",
     "MaskReuseError",
+    "EncodingError",
     "SealingError",
     "EnclaveError",
     "ExitCode",
@@ -65,6 +66,10 @@ class MaskReuseError(ShieldtuneError):
     """A one-time mask was about to be used a second time."""
 
 
+class EncodingError(ShieldtuneError):
+    """A value cannot be encoded exactly (fixed-point overflow, non-finite input, field too small)."""
+
+
 class SealingError(ShieldtuneError):
     """Sealed state cannot be unsealed (other measurement, tampering, rollback)."""
 
@@ -99,6 +104,7 @@ EXIT_CODES: dict[type[ShieldtuneError], ExitCode] = {
     ChannelError: ExitCode.CHANNEL,
     IntegrityError: ExitCode.INTEGRITY,
     MaskReuseError: ExitCode.MASK_REUSE,
+    EncodingError: ExitCode.INTEGRITY,
     SealingError: ExitCode.SEALING,
     EnclaveError: ExitCode.ENCLAVE,
 }

@@ -3,6 +3,7 @@
 from shieldtune.recipes.federated import run_federated
 from shieldtune.recipes.local_finetune import run_local
 from shieldtune.recipes.plain_split import run_plain_split, split_step
+from shieldtune.recipes.shielded import run_shielded
 from shieldtune.recipes.split_secure import run_split_secure
 
 RECIPES = {
@@ -11,6 +12,7 @@ RECIPES = {
     "split": run_split_secure,
     "plain-fedavg": run_federated,
     "secure-fedavg": run_federated,
+    "shielded": run_shielded,
 }
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "run_federated",
     "run_local",
     "run_plain_split",
+    "run_shielded",
     "run_split_secure",
     "split_step",
 ]

@@ -1,0 +1,236 @@
+"""Enclave side of the exact masked offload (DESIGN.md §2, Method 1): the hot path.
+
+For frozen map i with per-output-channel integer weights W_int (W ≈ diag σ · W_int) over F_p:
+
+    forward, secret x (n, in):
+        x_int, s = encode_rows(x)                 # (n, in) int,  (n, 1) per-row scale
+        x̃ = x_int + R_c  (mod p)                  # R_c uniform, used once
+        ỹ = accelerator(x̃)  = x̃ · W_intᵀ (mod p)   # untrusted; Freivalds-checked
+        y_int = centre(ỹ − U_c)                   # U_c = R_c · W_intᵀ, made ahead (pool)
+        y = s · y_int · σ                         # (n, out), exact fixed point → float
+
+    backward, secret ∂y (n, out):  h = ∂y · diag σ;  the same with S_c, V_c = S_c · W_int and
+        the accelerator computing h̃ · W_int;  ∂x = s' · centre(...)
+
+:class:`ClearFixedPoint` does the same encoding and integer products in the clear (no mask, no
+accelerator): the masked path must equal it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shieldtune.errors import IntegrityError
+from shieldtune.shielded.field import (
+    Field,
+    QuantizedWeight,
+    add_mod,
+    decode_rows,
+    encode_rows,
+    from_field,
+    input_bits,
+    sub_mod,
+    to_field,
+)
+from shieldtune.shielded.pool import BACKWARD, FORWARD, Factor, FactorPool
+
+__all__ = ["LayerPlan", "plan_layers", "OffloadStats", "ClearFixedPoint", "MaskedOffload"]
+
+
+@dataclass
+class LayerPlan:
+    """Encoding of one frozen map.
+
+    Attributes:
+        qw: The quantised weight (int weights, per-channel scales, bounds).
+        fwd_bits: Bits of the encoded input (``(2^b − 1) · row_l1 <= (p − 1)/2``).
+        bwd_bits: Bits of the encoded output gradient (bounded by ``col_l1``).
+    """
+
+    qw: QuantizedWeight
+    fwd_bits: int
+    bwd_bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in)."""
+        return tuple(self.qw.w_int.shape)  # type: ignore[return-value]
+
+
+def plan_layers(
+    field: Field, qws: Sequence[QuantizedWeight], max_bits: int | None
+) -> list[LayerPlan]:
+    """Per map, the most input bits the field allows without a wrap (capped at ``max_bits``).
+
+    Raises:
+        EncodingError: The field is too small for a map's weights.
+    """
+    plans = []
+    for qw in qws:
+        fwd, bwd = input_bits(field, qw.row_l1), input_bits(field, qw.col_l1)
+        if max_bits is not None:
+            fwd, bwd = min(fwd, max_bits), min(bwd, max_bits)
+        plans.append(LayerPlan(qw, fwd, bwd))
+    return plans
+
+
+@dataclass
+class OffloadStats:
+    """Time split and traffic of the offloaded products (seconds, bytes)."""
+
+    encode: float = 0.0  # fixed-point encoding and decoding
+    mask: float = 0.0  # taking a factor and adding the mask
+    transfer: float = 0.0  # shared memory + control round trip, minus the worker's compute
+    worker: float = 0.0  # the worker's products (as it reports)
+    check: float = 0.0  # Freivalds
+    unmask: float = 0.0  # removing the factor
+    products: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    checks_failed: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat figures (for logs and benchmark tables)."""
+        out = {k: v for k, v in vars(self).items() if k != "extra"}
+        return {**out, **self.extra}
+
+
+class ClearFixedPoint:
+    """The same fixed-point computation as :class:`MaskedOffload`, in the clear (reference).
+
+    Args:
+        field: The field (products are reduced and centred exactly as in the masked path).
+        plans: Encoding per map.
+        gemm: An exact backend; prepared weights on the CPU.
+    """
+
+    def __init__(self, field: Field, plans: Sequence[LayerPlan], gemm) -> None:  # noqa: ANN001
+        self.field, self.plans, self.gemm = field, list(plans), gemm
+        self.prepared = [gemm.prepare(pl.qw, field, torch.device("cpu")) for pl in self.plans]
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        plan, p = self.plans[layer], self.field.p
+        x_int, s = encode_rows(x, plan.fwd_bits)  # (n, in), (n, 1)
+        y = self.gemm.forward(self.prepared[layer], to_field(x_int, p))  # (n, out) in [0, p)
+        return decode_rows(from_field(y, p), s, plan.qw.scale)  # (n, out) float64
+
+    def backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        plan, p = self.plans[layer], self.field.p
+        h_int, s = encode_rows(g.double() * plan.qw.scale, plan.bwd_bits)  # (n, out), (n, 1)
+        y = self.gemm.backward(self.prepared[layer], to_field(h_int, p))  # (n, in)
+        return decode_rows(from_field(y, p), s, None)  # (n, in) float64
+
+
+class MaskedOffload:
+    """Frozen products on the untrusted accelerator, on one-time-padded operands.
+
+    Args:
+        field: The field F_p.
+        plans: Encoding per map (index = layer id).
+        pool: Masks and unmasking factors (:class:`FactorPool`).
+        link: The accelerator (``product(layer, sent, backward) -> untrusted copy``).
+        checks: Freivalds check per map (``check_forward(x, y)`` / ``check_backward(g, y)``).
+        check_rate: Share of products checked (1.0: all).
+        rng: Decides which products are checked (secret to the enclave).
+    """
+
+    def __init__(
+        self,
+        field: Field,
+        plans: Sequence[LayerPlan],
+        pool: FactorPool,
+        link,  # noqa: ANN001
+        checks: Sequence,
+        check_rate: float = 1.0,
+        rng: torch.Generator | None = None,
+    ) -> None:
+        self.field, self.plans, self.pool, self.link = field, list(plans), pool, link
+        self.checks, self.check_rate = list(checks), check_rate
+        self.rng = rng or torch.Generator().manual_seed(secrets.randbits(63))
+        self.stats = OffloadStats()
+
+    # ------------------------------------------------------------------ the hot path
+    def _masked_product(self, layer: int, op_int: torch.Tensor, direction: int) -> torch.Tensor:
+        """centre(accelerator(op + mask) − factor): the exact integer product of ``op_int``."""
+        p, st = self.field.p, self.stats
+        rows = self.pool.rows
+        parts = []
+        for start in range(0, op_int.shape[0], rows):  # a use never exceeds the pool's rows
+            chunk = op_int[start : start + rows]  # (n, d_sent) signed ints
+            t0 = time.perf_counter()
+            fac: Factor = self.pool.take(layer, direction, chunk.shape[0])
+            sent = add_mod(to_field(chunk, p), fac.mask, p)  # (n, d_sent) uniform in [0, p)
+            t1 = time.perf_counter()
+            worker0 = self.link.seconds_worker
+            got = self.link.product(layer, sent, direction == BACKWARD)  # (n, d_ret) untrusted
+            t2 = time.perf_counter()
+            if self._should_check():
+                check = self.checks[layer]
+                ok = (check.check_backward if direction == BACKWARD else check.check_forward)(
+                    sent, got
+                )
+                if not ok:
+                    st.checks_failed += 1
+                    raise IntegrityError(
+                        f"Freivalds check failed on map {layer} "
+                        f"({'backward' if direction == BACKWARD else 'forward'}): the "
+                        "accelerator returned a wrong product; the step is aborted"
+                    )
+            t3 = time.perf_counter()
+            parts.append(from_field(sub_mod(got, fac.factor, p), p))  # (n, d_ret) exact ints
+            t4 = time.perf_counter()
+            worker = self.link.seconds_worker - worker0
+            st.mask += t1 - t0
+            st.worker += worker
+            st.transfer += (t2 - t1) - worker
+            st.check += t3 - t2
+            st.unmask += t4 - t3
+            st.products += 1
+            st.bytes_sent += sent.numel() * sent.element_size()
+            st.bytes_received += got.numel() * got.element_size()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _should_check(self) -> bool:
+        if self.check_rate >= 1.0:
+            return True
+        return bool(torch.rand((), generator=self.rng) < self.check_rate)
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """y ≈ x · Wᵀ for secret x (n, in): exact in fixed point."""
+        plan = self.plans[layer]
+        t0 = time.perf_counter()
+        x_int, s = encode_rows(x.detach(), plan.fwd_bits)  # (n, in) int64, (n, 1)
+        self.stats.encode += time.perf_counter() - t0
+        y_int = self._masked_product(layer, x_int, FORWARD)  # (n, out) = x_int · W_intᵀ
+        t0 = time.perf_counter()
+        y = decode_rows(y_int, s, plan.qw.scale)  # (n, out) float64
+        self.stats.encode += time.perf_counter() - t0
+        return y
+
+    def backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        """∂x ≈ ∂y · W for secret ∂y (n, out)."""
+        plan = self.plans[layer]
+        t0 = time.perf_counter()
+        h_int, s = encode_rows(g.detach().double() * plan.qw.scale, plan.bwd_bits)  # (n, out)
+        self.stats.encode += time.perf_counter() - t0
+        gx_int = self._masked_product(layer, h_int, BACKWARD)  # (n, in) = h_int · W_int
+        t0 = time.perf_counter()
+        gx = decode_rows(gx_int, s, None)  # (n, in) float64
+        self.stats.encode += time.perf_counter() - t0
+        return gx
+
+
+def default_field_bits(qws: Sequence[QuantizedWeight], headroom_bits: int = 53) -> int:
+    """Bits of the largest prime for which one float64 GEMM stays exact on these weights.
+
+    Every partial sum of ``x̃ · W_int`` is below ``p · l1``; it must stay below ``2^53``.
+    """
+    l1 = max(max(qw.row_l1, qw.col_l1) for qw in qws)
+    return int(headroom_bits - math.ceil(math.log2(l1 + 1)))
