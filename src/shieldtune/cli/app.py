@@ -36,11 +36,15 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override: key.path=value")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="secure-fedavg: continue this interrupted run folder (sealed state)"),
+    ] = None,
 ) -> None:
     """Fine-tune a model in one mode (local, plain-split) and write a run folder."""
     from shieldtune.cli.train import train_command
 
-    _exit(guarded(lambda: train_command(config, set_ or [])))
+    _exit(guarded(lambda: train_command(config, set_ or [], resume)))
 
 
 @app.command(epilog="Example:\n\n  shieldtune demo --epochs 1")
@@ -83,6 +87,111 @@ def attest(
         return attest_command(quote_file, policy, show, at=when, report_data_hex=report_data)
 
     _exit(guarded(body))
+
+
+from shieldtune.cli.certs import EPILOG as _CERTS_EPILOG  # noqa: E402
+from shieldtune.cli.join import EPILOG as _JOIN_EPILOG  # noqa: E402
+from shieldtune.cli.serve import EPILOG as _SERVE_EPILOG  # noqa: E402
+
+_Set = Annotated[list[str] | None, typer.Option("--set", "-s", help="override: key.path=value")]
+_Certs = Annotated[Path | None, typer.Option(help="folder of `shieldtune certs` (TLS)")]
+_Insecure = Annotated[bool, typer.Option("--insecure", help="no TLS (trusted test nets only)")]
+
+
+@app.command(epilog=_SERVE_EPILOG)
+def serve(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config (plain/secure-fedavg)")],
+    set_: _Set = None,
+    host: Annotated[
+        str, typer.Option(help="address the SuperLink listens on (0.0.0.0: all interfaces)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="SuperLink HTTPS port")] = 9092,
+    certs: _Certs = None,
+    insecure: _Insecure = False,
+    superlink: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a running SuperLink (start none)")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="secure-fedavg: continue this interrupted run folder")
+    ] = None,
+) -> None:
+    """Run the server of a multi-machine federation (Flower SuperLink + ServerApp)."""
+    from shieldtune.cli.serve import serve_command
+
+    def body() -> int:
+        return serve_command(
+            config,
+            set_ or [],
+            host=host,
+            port=port,
+            certs=certs,
+            insecure=insecure,
+            superlink=superlink,
+            resume=resume,
+        )
+
+    _exit(guarded(body))
+
+
+@app.command(epilog=_JOIN_EPILOG)
+def join(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config (plain/secure-fedavg)")],
+    server: Annotated[str, typer.Option(help="HOST:PORT of the server's SuperLink")],
+    partition_id: Annotated[int, typer.Option(help="this client's share of the data")],
+    num_partitions: Annotated[int, typer.Option(help="shares the data is split into")],
+    set_: _Set = None,
+    certs: _Certs = None,
+    insecure: _Insecure = False,
+    trust_platform_key: Annotated[
+        list[str] | None,
+        typer.Option(help="simulated server enclave: its platform key (from serve's output)"),
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="attestation policy YAML/JSON")] = None,
+    runtime_port: Annotated[
+        int | None, typer.Option(help="local port of the SuperNode's Runtime API (default: free)")
+    ] = None,
+    save_adapter: Annotated[
+        Path | None, typer.Option(help="save each global adapter received here")
+    ] = None,
+    worker: Annotated[
+        bool, typer.Option(help="keep model and data warm in this process between messages")
+    ] = True,
+) -> None:
+    """Join a federation as a client (Flower SuperNode running shieldtune's ClientApp)."""
+    from shieldtune.cli.join import join_command
+
+    def body() -> int:
+        return join_command(
+            config,
+            set_ or [],
+            server=server,
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            certs=certs,
+            insecure=insecure,
+            trusted_keys=trust_platform_key or [],
+            policy_file=policy,
+            runtime_port=runtime_port,
+            adapter_dir=save_adapter,
+            worker=worker,
+        )
+
+    _exit(guarded(body))
+
+
+@app.command(epilog=_CERTS_EPILOG)
+def certs(
+    out_dir: Annotated[Path, typer.Argument(help="folder for ca.pem, server.pem, server.key")],
+    host: Annotated[
+        list[str], typer.Option(help="server DNS name or IP clients connect to (repeat)")
+    ],
+    days: Annotated[int, typer.Option(help="validity in days")] = 30,
+    overwrite: Annotated[bool, typer.Option(help="replace existing files")] = False,
+) -> None:
+    """Make a throwaway CA and the SuperLink's TLS certificate for serve / join."""
+    from shieldtune.cli.certs import certs_command
+
+    _exit(guarded(lambda: certs_command(out_dir, host, days, overwrite)))
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ inside the enclave process, where every module loaded is part of the measurement
   aggregation into the server enclave; the host relays ciphertext only.
 - :mod:`~shieldtune.federated.mods`: ``SealedUpdateMod``, the matching Flower client mod.
 - :mod:`~shieldtune.federated.client_app` / :mod:`~shieldtune.federated.server_app`: the Flower
-  apps, :mod:`~shieldtune.federated.simulation`: an in-process Grid to run them on one machine.
+  apps, :mod:`~shieldtune.federated.simulation`: an in-process Grid to run them on one machine,
+  :mod:`~shieldtune.federated.deploy`: Flower deployment plumbing (app bundle, polling grid,
+  what the parties must agree on), :mod:`~shieldtune.federated.messages`: message types.
 - :mod:`~shieldtune.federated.partition`: train / test shares of each client.
 """
 

@@ -10,6 +10,10 @@ Message contents (plain): ``train`` in: ``arrays`` (global adapter; empty in rou
 the shared seeded initialisation), ``config``; out: ``arrays`` (the update), ``metrics``
 (``num-examples``, ``train_loss``). ``evaluate`` in: ``arrays``; out: ``metrics``
 (``num-examples``, ``accuracy``, ``loss``, ...).
+
+Models, adapters and data are imported when a :class:`AdapterTrainer` is built, not with this
+module: in a Flower deployment every message runs in a fresh ClientApp process, and one that
+only answers the handshake should not load transformers.
 """
 
 from __future__ import annotations
@@ -26,12 +30,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
-from shieldtune.adapters import ADAPTERS
-from shieldtune.adapters.base import head_parameters, hf_names
-from shieldtune.data.tasks import batches
 from shieldtune.federated.codec import from_array_record, to_array_record
-from shieldtune.models import full_slice, load_model
-from shieldtune.training import autocast, evaluate, make_optim, task_loss
+from shieldtune.federated.messages import HANDSHAKE_ACTIONS
 
 __all__ = [
     "Trainer",
@@ -40,9 +40,6 @@ __all__ = [
     "build_client_app",
     "HANDSHAKE_ACTIONS",
 ]
-
-#: ``query.<action>`` messages of the sealed-update handshake (answered by the mod).
-HANDSHAKE_ACTIONS = ("shieldtune_hello", "shieldtune_connect")
 
 
 class Trainer(Protocol):
@@ -99,6 +96,10 @@ class AdapterTrainer:
         test: dict[str, torch.Tensor],
         partition: int,
     ) -> None:
+        from shieldtune.adapters import ADAPTERS
+        from shieldtune.adapters.base import head_parameters, hf_names
+        from shieldtune.models import full_slice, load_model
+
         self.s = settings
         self.train, self.test, self.partition = train, test, partition
         torch.manual_seed(settings.seed)
@@ -139,6 +140,9 @@ class AdapterTrainer:
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
         """Local epochs of the same step the local recipe runs; a fresh optimizer per round."""
+        from shieldtune.data.tasks import batches
+        from shieldtune.training import autocast, make_optim, task_loss
+
         self.load(state)
         rnd = int(config.get("server-round", 1))
         n = int(self.train["labels"].shape[0])
@@ -164,6 +168,8 @@ class AdapterTrainer:
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> tuple[int, dict[str, float]]:
         """Metrics of the global adapter on this client's test share."""
+        from shieldtune.training import autocast, evaluate
+
         self.load(state)
         self.whole.eval()
         with autocast(self.s.precision):

@@ -17,6 +17,9 @@ SuperLink) relays channel records it cannot read:
   (a clear call with no tensors) and learns only counts and refusal reasons.
 
 The host's ``arrays`` between rounds are a token (``global-round``), never the adapter.
+With ``seal_path`` the enclave seals its state there after every aggregation (the platform's
+monotonic counter advances each time), so a server that stops between rounds resumes from the
+last completed round, and an older copy of the file is refused as a rollback.
 Use it as ``EnclaveAggregation(ValidatedFedAvg(...), enclave)`` with clients that run
 :class:`~shieldtune.federated.mods.SealedUpdateMod`.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 
 from shieldtune.errors import EnclaveError, ShieldtuneError
 from shieldtune.federated.codec import pack_records, unpack_records
-from shieldtune.federated.mods import CONNECT, HELLO
+from shieldtune.federated.messages import CONNECT, HELLO
 from shieldtune.federated.strategy import ValidatedFedAvg
 from shieldtune.tee.enclave import Enclave
 
@@ -52,16 +56,23 @@ class EnclaveAggregation(Strategy):
 
     Args:
         strategy: The plain strategy (sampling, quorum, events, metrics).
-        enclave: A started enclave running the ``fedavg`` program.
+        enclave: A started enclave running the ``fedavg`` program (unsealed first, to resume).
         handshake_timeout_s: Seconds to wait for handshake replies.
+        seal_path: Where the enclave seals its state after each aggregation (None: never).
     """
 
     def __init__(
-        self, strategy: ValidatedFedAvg, enclave: Enclave, handshake_timeout_s: float = 600.0
+        self,
+        strategy: ValidatedFedAvg,
+        enclave: Enclave,
+        handshake_timeout_s: float = 600.0,
+        seal_path: Path | None = None,
     ) -> None:
         self.inner = strategy
         self.enclave = enclave
         self.handshake_timeout_s = handshake_timeout_s
+        self.seal_path = seal_path
+        self.sealed: int | None = None  # the counter round of the last seal
         self.peers: dict[int, _Peer] = {}
         self.global_round = int(enclave.call("status").meta_int("round"))
 
@@ -190,6 +201,8 @@ class EnclaveAggregation(Strategy):
             )
             return None, None
         self.global_round = result.meta_int("round")
+        if self.seal_path is not None:  # before anyone hears of the round (SealingError: abort)
+            self.sealed = self.enclave.seal(self.seal_path)
         reasons = result.meta.get("reasons")
         for reason in reasons if isinstance(reasons, list) else []:
             self.inner.emit(kind="refused", round=server_round, reason=str(reason))

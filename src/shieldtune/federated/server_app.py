@@ -14,7 +14,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
-__all__ = ["build_server_app"]
+__all__ = ["build_server_app", "start_rounds"]
+
+
+def start_rounds(strategy: Strategy, grid: Grid, num_rounds: int, round_timeout_s: float) -> Result:
+    """Run ``strategy`` for ``num_rounds`` on ``grid`` from an empty global adapter."""
+    return strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),
+        num_rounds=num_rounds,
+        timeout=round_timeout_s,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
 
 
 def build_server_app(
@@ -35,14 +47,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(),
-            num_rounds=num_rounds,
-            timeout=round_timeout_s,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-        )
+        result = start_rounds(strategy, grid, num_rounds, round_timeout_s)
         if on_result is not None:
             on_result(result)
 

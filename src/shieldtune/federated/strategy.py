@@ -9,6 +9,9 @@ finite, size), refused ones are logged and dropped, and the accepted ones are av
 the round keeps the previous global adapter.
 
 Every round's outcome goes to ``on_event`` (the recipe writes it to ``metrics.jsonl``).
+
+:class:`ResumedRounds` wraps any strategy so that Flower's round loop (which always counts from
+1) runs the federation's rounds ``done + 1, done + 2, ...`` after a restart.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from shieldtune.federated.aggregate import Spec, fedavg, screen_updates, spec_of
 from shieldtune.federated.codec import from_array_record, to_array_record
 
-__all__ = ["ValidatedFedAvg", "Event"]
+__all__ = ["ValidatedFedAvg", "ResumedRounds", "Event"]
 
 log = logging.getLogger("shieldtune.federated")
 Event = Callable[[dict[str, Any]], None]
@@ -186,3 +189,50 @@ class ValidatedFedAvg(FedAvg):
             **{k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
         )
         return metrics
+
+
+class ResumedRounds(Strategy):
+    """A strategy whose round numbers start after ``done`` completed rounds.
+
+    Flower's ``Strategy.start`` numbers its rounds 1..N; a federation resumed after ``done``
+    rounds must send ``server-round = done + 1`` (clients seed their shuffling and dropout with
+    it), log round ``done + 1`` and expect updates for it. Every call is passed on with the
+    offset added.
+
+    Args:
+        strategy: The strategy to run (plain, or wrapped in the enclave aggregation).
+        done: Rounds completed before this start.
+    """
+
+    def __init__(self, strategy: Strategy, done: int) -> None:
+        self.inner = strategy
+        self.done = done
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        log.info("resuming after round %d", self.done)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's messages for round ``done + server_round``."""
+        return self.inner.configure_train(self.done + server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate round ``done + server_round``."""
+        return self.inner.aggregate_train(self.done + server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation messages of round ``done + server_round``."""
+        return self.inner.configure_evaluate(self.done + server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation of round ``done + server_round``."""
+        return self.inner.aggregate_evaluate(self.done + server_round, replies)

@@ -22,21 +22,29 @@ class RunDir:
     Args:
         parent: Folder holding run folders.
         name: The run's folder name.
+        resume: Continue the existing ``.partial-<name>`` folder (a resumed run): keep its
+            files, append to its ``metrics.jsonl``, continue its elapsed time.
 
     Raises:
         FileExistsError: A completed run of that name exists already.
+        FileNotFoundError: ``resume`` and there is no partial folder to continue.
     """
 
-    def __init__(self, parent: Path, name: str) -> None:
+    def __init__(self, parent: Path, name: str, *, resume: bool = False) -> None:
         self.final = parent / name
         if self.final.exists():
             raise FileExistsError(f"run folder {self.final} exists already; pick another run_name")
         self.path = parent / f".partial-{name}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        self._metrics = (self.path / "metrics.jsonl").open("a")
         self.started = time.time()
+        if resume:
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"no partial run folder {self.path} to resume")
+            self.started -= _last_time(self.path / "metrics.jsonl")
+        else:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+        self._metrics = (self.path / "metrics.jsonl").open("a")
 
     def log(self, **record: Any) -> None:
         """Append one metrics record (a JSON line) with the elapsed time."""
@@ -61,3 +69,17 @@ class RunDir:
         """Close files; the partial folder stays under its ``.partial-`` name for inspection."""
         if not self._metrics.closed:
             self._metrics.close()
+
+
+def _last_time(metrics: Path) -> float:
+    """The ``time_s`` of the last metrics line (0 when there is none)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0.0
+    for line in reversed(lines):
+        try:
+            return float(json.loads(line)["time_s"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0.0

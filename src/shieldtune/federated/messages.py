@@ -1,0 +1,14 @@
+"""Flower message types of the sealed-update protocol (a constant-only module: cheap to import).
+
+``query.<action>`` messages of the handshake, answered by
+:class:`~shieldtune.federated.mods.SealedUpdateMod` on the client and sent by
+:class:`~shieldtune.federated.secure.EnclaveAggregation` on the server.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HANDSHAKE_ACTIONS", "HELLO", "CONNECT"]
+
+HANDSHAKE_ACTIONS = ("shieldtune_hello", "shieldtune_connect")
+HELLO = f"query.{HANDSHAKE_ACTIONS[0]}"
+CONNECT = f"query.{HANDSHAKE_ACTIONS[1]}"
