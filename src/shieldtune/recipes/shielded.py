@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ def open_party(
     try:
         if accel is not None:
             accel.start()
-        enclave.start()
+        with _passive_threads(accel is not None):
+            enclave.start()
         platform_key = getattr(getattr(enclave, "platform", None), "public_key_hex", None)
         policy = Policy(
             allowed_measurements=[measure_program(PROGRAM_NAME, config)],
@@ -142,6 +144,20 @@ def open_party(
         enclave.stop()
         if accel is not None:
             accel.stop()
+
+
+@contextmanager
+def _passive_threads(on: bool) -> Iterator[None]:
+    """Launch the enclave with sleeping (not spinning) idle OpenMP threads: it and the worker
+    take turns on the same cores."""
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if on and saved is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read once, at the enclave's launch
+    try:
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 def _forward_tensors(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

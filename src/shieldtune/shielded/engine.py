@@ -30,7 +30,6 @@ from shieldtune.errors import IntegrityError
 from shieldtune.shielded.field import (
     Field,
     QuantizedWeight,
-    add_mod,
     decode_rows,
     encode_rows,
     from_field,
@@ -78,6 +77,15 @@ def plan_layers(
             fwd, bwd = min(fwd, max_bits), min(bwd, max_bits)
         plans.append(LayerPlan(qw, fwd, bwd))
     return plans
+
+
+def _mask_small(small: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
+    """``(small + mask) mod p`` for ``|small| < p`` and ``mask`` in [0, p): two conditional
+    corrections instead of a division (the same residue as ``add_mod(to_field(small), mask)``)."""
+    out = small + mask  # (n, d) in (-p, 2p)
+    out += p * (out < 0)
+    out -= p * (out >= p)
+    return out
 
 
 @dataclass
@@ -166,7 +174,7 @@ class MaskedOffload:
             chunk = op_int[start : start + rows]  # (n, d_sent) signed ints
             t0 = time.perf_counter()
             fac: Factor = self.pool.take(layer, direction, chunk.shape[0])
-            sent = add_mod(to_field(chunk, p), fac.mask, p)  # (n, d_sent) uniform in [0, p)
+            sent = _mask_small(chunk, fac.mask, p)  # (n, d_sent) uniform in [0, p)
             t1 = time.perf_counter()
             worker0 = self.link.seconds_worker
             got = self.link.product(layer, sent, direction == BACKWARD)  # (n, d_ret) untrusted

@@ -395,7 +395,10 @@ class AcceleratorProcess:
             cmd += ["--capture", str(self.capture), "--capture-limit", str(self.capture_limit)]
         if self.tamper != "none":
             cmd += ["--tamper", self.tamper, "--tamper-after", str(self.tamper_after)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        # the enclave and the worker take turns on the same cores: idle OpenMP threads must
+        # sleep, not spin (spinning threads of the waiting side halve the other's speed)
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + self.start_timeout_s
         while not os.path.exists(self.socket_path):
             if self.proc.poll() is not None:

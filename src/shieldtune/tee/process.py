@@ -410,7 +410,14 @@ def _enclave_env() -> dict[str, str]:
     """A minimal environment: the package path, no host secrets (e.g. the platform key path)."""
     src = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": src, "PYTHONDONTWRITEBYTECODE": "1"}
-    for name in ("PATH", "LANG", "LC_ALL", "TMPDIR", "SHIELDTUNE_ENCLAVE_THREADS"):
+    for name in (
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "SHIELDTUNE_ENCLAVE_THREADS",
+        "OMP_WAIT_POLICY",
+    ):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
