@@ -33,7 +33,24 @@ FORBIDDEN = {
     "transport": {"models", "adapters", "data", "training", "recipes", "cli", "split", "federated"},
     "split": {"recipes", "cli", "federated"},
     "federated": {"recipes", "cli", "split", "transport"},
+    "attacks": {"recipes", "cli", "report"},
+    "shielded": {"recipes", "cli", "report", "split", "federated", "transport"},
 }
+# nothing below the attacks imports them (they read what the modes expose, never the reverse)
+for _lower in (
+    "errors",
+    "registry",
+    "models",
+    "adapters",
+    "crypto",
+    "tee",
+    "data",
+    "training",
+    "transport",
+    "split",
+    "federated",
+):
+    FORBIDDEN[_lower] = FORBIDDEN[_lower] | {"attacks"}
 
 
 def _imports(path: Path) -> set[str]:

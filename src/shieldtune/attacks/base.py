@@ -1,0 +1,100 @@
+"""What an attack is, what it reads, and the closed registry of attacks.
+
+An attack is built once from what its attacker legitimately knows (the public model and
+adapter code, public text, the seeded initial adapter) and then applied to *views*: what the
+attacker actually sees in a mode. The same built attack runs on the plain view and on the
+protected view, so the two numbers compare the protection, not two attacks.
+
+Surfaces (what the attacker reads):
+
+- ``cut-activations`` (Method 2, split): the cut-layer hidden states a client sends. Built by
+  ``build(front, public, *, seed) -> Inverter``; an :class:`Inverter` maps a (B, T, d) view to
+  (B, T) token ids.
+- ``update`` (federated): one client's visible update (LoRA tensors, SPF values + indices, the
+  head). Built by ``build(shadow, global_state, candidates) -> MembershipScorer``; a
+  :class:`MembershipScorer` maps a viewed update to one score per candidate example (higher =
+  "was in the training set").
+
+Adding an attack: one module ``attacks/<name>.py`` ending with one :func:`register_attack`
+call, imported in ``attacks/__init__.py``; its tests show it succeeds on the plain mode and
+drops to chance on the protected one. A new surface (e.g. Method 1's accelerator view for
+adapter extraction) adds a literal to :data:`Surface` and its own build signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from shieldtune.registry import Registry
+
+__all__ = [
+    "Surface",
+    "SURFACES",
+    "Inverter",
+    "MembershipScorer",
+    "Attack",
+    "ATTACKS",
+    "register_attack",
+    "attacks_on",
+]
+
+Surface = Literal["cut-activations", "update"]
+SURFACES: tuple[str, ...] = ("cut-activations", "update")
+
+
+class Inverter(Protocol):
+    """A built hidden-state inversion attack."""
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, d) viewed hidden states to (B, T) recovered token ids."""
+        ...
+
+
+class MembershipScorer(Protocol):
+    """A built membership-inference attack over fixed candidate examples."""
+
+    def __call__(self, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Map a viewed update to (N,) float64 scores, one per candidate (higher = member)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A registered attack.
+
+    Attributes:
+        name: Registry name.
+        surface: What the attacker reads (see the module docstring).
+        summary: One line: what the attacker does.
+        build: Builds the attack from the attacker's knowledge (signature per surface).
+    """
+
+    name: str
+    surface: Surface
+    summary: str
+    build: Callable[..., Any]
+
+
+ATTACKS: Registry[Attack] = Registry("attack")
+
+
+def register_attack(
+    *, name: str, surface: Surface, summary: str, build: Callable[..., Any]
+) -> Attack:
+    """Register an attack (called once, at the end of its module).
+
+    Raises:
+        ValueError: Malformed or duplicate name, or an unknown surface (a programming error).
+    """
+    if surface not in SURFACES:
+        raise ValueError(f"attack {name!r}: surface {surface!r} unknown; accepted: {SURFACES}")
+    return ATTACKS.register(name, Attack(name, surface, summary, build))
+
+
+def attacks_on(surface: Surface) -> list[str]:
+    """Names of the registered attacks that read ``surface``, sorted."""
+    return [name for name in ATTACKS if ATTACKS.get(name).surface == surface]
