@@ -182,48 +182,6 @@ class ProgramSpec:
 #: Closed table of enclave programs: name -> module that defines ``PROGRAM``.
 ENCLAVE_PROGRAMS: Registry[ProgramSpec] = Registry("enclave program")
 ENCLAVE_PROGRAMS.register("echo", ProgramSpec("shieldtune.tee.programs.echo"))
-ENCLAVE_PROGRAMS.register(
-    "split-server",
-    ProgramSpec(
-        "shieldtune.split.server_program",
-        (
-            "shieldtune.adapters.base",
-            "shieldtune.adapters.full.config",
-            "shieldtune.adapters.full.model",
-            "shieldtune.adapters.lora.config",
-            "shieldtune.adapters.lora.model",
-            "shieldtune.adapters.prefix.config",
-            "shieldtune.adapters.prefix.model",
-            "shieldtune.adapters.spf.adapter",
-            "shieldtune.adapters.spf.config",
-            "shieldtune.adapters.spf.layer",
-            "shieldtune.adapters.spf.model",
-            "shieldtune.adapters.spf.saliency",
-            "shieldtune.data.builtin",
-            "shieldtune.data.metrics",
-            "shieldtune.data.splits",
-            "shieldtune.data.tables",
-            "shieldtune.data.tasks",
-            "shieldtune.models.families.base",
-            "shieldtune.models.families.bert",
-            "shieldtune.models.families.gpt2",
-            "shieldtune.models.families.llama",
-            "shieldtune.models.masks",
-            "shieldtune.models.presets",
-            "shieldtune.models.slicing",
-            "shieldtune.models.smollm2",
-            "shieldtune.models.tokenizers",
-            "shieldtune.split.protocol",
-            "shieldtune.split.step",
-            "shieldtune.training.evaluate",
-            "shieldtune.training.loop",
-            "shieldtune.training.losses",
-            "shieldtune.training.rng",
-            "shieldtune.training.rundir",
-            "shieldtune.training.steps",
-        ),
-    ),
-)
 _MODEL_AND_TRAINING = (
     "shieldtune.adapters.base",
     "shieldtune.adapters.full.config",
@@ -257,6 +215,13 @@ _MODEL_AND_TRAINING = (
     "shieldtune.training.rng",
     "shieldtune.training.rundir",
     "shieldtune.training.steps",
+)
+ENCLAVE_PROGRAMS.register(
+    "split-server",
+    ProgramSpec(
+        "shieldtune.split.server_program",
+        (*_MODEL_AND_TRAINING, "shieldtune.split.protocol", "shieldtune.split.step"),
+    ),
 )
 ENCLAVE_PROGRAMS.register(
     "shielded-party",
