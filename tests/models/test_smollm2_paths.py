@@ -7,6 +7,7 @@ calls load in well under a second). One slow test slices the full 30-layer model
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from shieldtune.adapters.lora import LoraSettings, attach_lora
 from shieldtune.adapters.prefix import PrefixSettings, attach_prefix
 from shieldtune.data.builtin import load_builtin
 from shieldtune.data.splits import subset
+from shieldtune.data.tables import Dataset
 from shieldtune.data.tasks import IGNORE_INDEX, answer_token_ids, encode_instruction
 from shieldtune.models import full_slice, load_model, slice_model, smollm2
 from shieldtune.training import task_loss
-from shieldtune.training.answers import score_answers
+from shieldtune.training.answers import answer_prompts, score_answers
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec(smollm2.MODULE) is None,
@@ -125,6 +127,54 @@ def test_answer_only_loss_masking_on_the_chat_template(short_folder):
         assert scored["log_likelihoods"][i][ex.label] == pytest.approx(
             -losses[i] * n_answer, abs=1e-3
         )
+
+
+def test_cut_prompts_score_the_gold_answer_on_the_training_ids(short_folder):
+    """Regression: with texts cut to fit, scoring the gold answer runs exactly the training row.
+
+    Training used to cut each prompt for its own answer (1 to 5 tokens here) and scoring for
+    the longest one, so the two disagreed for 4 of 5 classes and the cut encoded the label.
+    """
+    # Prepare: every abstract is cut at max_length 96, one example of each class
+    loaded = _load(short_folder, "causal-lm")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    base = load_builtin("medical_sample")
+    ds = Dataset(
+        [next(ex for ex in base if ex.label == c) for c in range(5)], base.label_names, base.name
+    )
+    lengths = [len(answer_token_ids(tok, a)) for a in ds.label_names]
+    assert len(set(lengths)) > 1  # answers of different lengths: the case that went wrong
+    enc = encode_instruction(ds, tok, 96)
+    assert int(enc["attention_mask"].sum(1).max()) <= 96
+    assert bool((enc["prompt_lengths"] < encode_instruction(ds, tok, 512)["prompt_lengths"]).all())
+    seen: list[list[int]] = []
+
+    def spy(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen.extend(row[: int(m.sum())] for row, m in zip(ids.tolist(), mask, strict=True))
+        return full_slice(model)(ids, mask)
+
+    # Execute
+    scored = score_answers(spy, tok, ds, max_length=96, batch_size=7)
+    prompts = answer_prompts(tok, ds, max_length=96)
+    # Assert
+    for c in range(5):  # the same prompts whatever the labels say
+        relabelled = Dataset(
+            [dataclasses.replace(ex, label=c) for ex in ds], ds.label_names, ds.name
+        )
+        other = encode_instruction(relabelled, tok, 96)
+        assert torch.equal(other["prompt_lengths"], enc["prompt_lengths"])
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    for i, ex in enumerate(ds):
+        n, p = int(enc["attention_mask"][i].sum()), int(enc["prompt_lengths"][i])
+        ids, labels = enc["input_ids"][i, :n].tolist(), enc["labels"][i, :n].tolist()
+        gold = [*answer_token_ids(tok, ds.label_names[ex.label]), tok.eos_token_id]
+        assert prompts[i] == ids[:p] and ids == prompts[i] + gold and ids in seen
+        assert labels == [IGNORE_INDEX] * p + gold
+        # the answer's ids are those of the rendered conversation: no merge across the header
+        assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+        loss = float(task_loss(logits[i : i + 1, :n], enc["labels"][i : i + 1, :n], "causal-lm"))
+        assert scored["log_likelihoods"][i][ex.label] == pytest.approx(-loss * len(gold), abs=1e-3)
 
 
 ATTACH = {

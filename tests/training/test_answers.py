@@ -13,10 +13,11 @@ from shieldtune.config import load_config
 from shieldtune.data.builtin import load_builtin
 from shieldtune.data.splits import subset
 from shieldtune.data.tables import Dataset
-from shieldtune.data.tasks import answer_token_ids, encode_instruction
+from shieldtune.data.tasks import IGNORE_INDEX, answer_token_ids, encode_instruction
 from shieldtune.errors import ModelError
 from shieldtune.models import full_slice, load_model, slice_model
 from shieldtune.recipes import run_local, run_plain_split
+from shieldtune.training import task_loss
 from shieldtune.training.answers import (
     answer_prompts,
     generate_answers,
@@ -26,6 +27,9 @@ from shieldtune.training.answers import (
 
 # the sample's prompts take at most ~300 byte tokens: 400 leaves room for any answer, no truncation
 ROOMY = 400
+# a budget that cuts every sample text: the template takes ~36 byte tokens, the longest answer
+# ("general pathological conditions") 31 + eos, which leaves ~28 bytes of text
+TIGHT = 96
 # a short template for the tests that run the model (byte tokens are many; CPU time is scarce)
 SHORT = "Which condition? {text}"
 NAMES = load_builtin("medical_sample").label_names
@@ -108,6 +112,112 @@ def _teacher_forward(answer: str, tokenizer, boost: float = 30.0):
         return logits
 
     return forward
+
+
+def _recording(forward):
+    """Wrap a forward so that it records every unpadded row it is given."""
+    seen: list[list[int]] = []
+
+    def spy(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen.extend(row[: int(m.sum())] for row, m in zip(ids.tolist(), mask, strict=True))
+        return forward(ids, mask)
+
+    return spy, seen
+
+
+def test_scoring_the_gold_answer_uses_exactly_the_training_ids_and_labels(tiny, sample):
+    """Regression: with truncation, the gold candidate's row is the training row, token for token.
+
+    Prompts used to be cut for each example's *own* answer in training but for the longest
+    answer in scoring, so for every shorter gold answer the scored prompt differed from the
+    trained one (and the cut position told the model the label).
+    """
+    # Prepare: every text is cut at TIGHT, and the golds include answers shorter than the longest
+    model, tok = tiny.model, tiny.tokenizer
+    enc = encode_instruction(sample, tok, TIGHT, SHORT)
+    roomy = encode_instruction(sample, tok, ROOMY, SHORT)
+    longest = max(len(answer_token_ids(tok, a)) for a in NAMES)
+    cut = enc["prompt_lengths"] < roomy["prompt_lengths"]
+    assert bool(cut.all())
+    shorter_gold = [len(answer_token_ids(tok, NAMES[y])) < longest for y in sample.labels()]
+    assert any(shorter_gold)  # the case the old layout got wrong
+    # Execute
+    spy, seen = _recording(full_slice(model))
+    got = score_answers(spy, tok, sample, max_length=TIGHT, batch_size=4, task_prompt=SHORT)
+    prompts = answer_prompts(tok, sample, max_length=TIGHT, task_prompt=SHORT)
+    # Assert: the prompt scored is the prompt trained, and the gold row was run as it is trained
+    for i, y in enumerate(sample.labels()):
+        n, p = int(enc["attention_mask"][i].sum()), int(enc["prompt_lengths"][i])
+        train_ids, train_labels = enc["input_ids"][i, :n], enc["labels"][i, :n]
+        assert prompts[i] == train_ids[:p].tolist()
+        gold = [*answer_token_ids(tok, NAMES[y]), tok.eos_token_id]
+        assert train_ids.tolist() == prompts[i] + gold
+        assert train_labels.tolist() == [IGNORE_INDEX] * p + gold
+        assert train_ids.tolist() in seen
+        # the gold log-likelihood is minus the training loss of that row, summed over its labels
+        with torch.no_grad():
+            logits = model(input_ids=train_ids[None]).logits  # (1, n, V)
+        loss = task_loss(logits, train_labels[None], "causal-lm") * len(gold)
+        assert got["log_likelihoods"][i][y] == pytest.approx(-float(loss), abs=1e-3)
+        # every other candidate is scored after the very same prompt
+        for c in range(len(NAMES)):
+            row = prompts[i] + [*answer_token_ids(tok, NAMES[c]), tok.eos_token_id]
+            assert len(row) <= TIGHT and row in seen
+    assert len(seen) == len(sample) * len(NAMES)
+
+
+def test_prompts_do_not_depend_on_the_label(tiny, sample):
+    # Prepare: the same examples under every label
+    tok = tiny.tokenizer
+    relabelled = [
+        Dataset([dataclasses.replace(ex, label=c) for ex in sample], NAMES, sample.name)
+        for c in range(len(NAMES))
+    ]
+    # Execute
+    encs = [encode_instruction(ds, tok, TIGHT, SHORT) for ds in relabelled]
+    # Assert: identical prompts, whose lengths therefore carry no trace of the answer
+    first = encs[0]
+    for enc in encs[1:]:
+        assert torch.equal(enc["prompt_lengths"], first["prompt_lengths"])
+        for i in range(len(sample)):
+            p = int(first["prompt_lengths"][i])
+            assert torch.equal(enc["input_ids"][i, :p], first["input_ids"][i, :p])
+    # the rows differ only after the prompt, and the longest answer still fits
+    assert not torch.equal(encs[0]["labels"], encs[4]["labels"])
+    assert int(encs[4]["attention_mask"].sum(1).max()) <= TIGHT
+
+
+def test_a_model_trained_to_overfit_a_handful_of_examples_scores_them_correctly(sample):
+    """End to end: what training teaches (on cut prompts) is what scoring and generation read."""
+    # Prepare: a fresh tiny model, five cut examples with four different answers
+    loaded = load_model("tiny-llama", "causal-lm", seed=0)
+    model, tok = loaded.model, loaded.tokenizer
+    assert len(set(sample.labels())) >= 3
+    enc = encode_instruction(sample, tok, TIGHT, SHORT)
+    whole = full_slice(model)
+    kw = {"max_length": TIGHT, "batch_size": 25, "task_prompt": SHORT}
+    model.eval()
+    before = score_answers(whole, tok, sample, **kw)
+    # Execute: full-batch AdamW on the answer-only loss until the examples are memorised
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(150):  # about 60 steps
+        loss = task_loss(whole(enc["input_ids"], enc["attention_mask"]), enc["labels"], "causal-lm")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1:
+            break
+    model.eval()
+    after = score_answers(whole, tok, sample, **kw)
+    gen = generate_answers(
+        whole, tok, sample, max_length=TIGHT, max_new_tokens=40, batch_size=5, task_prompt=SHORT
+    )
+    # Assert
+    assert loss.item() < 0.1
+    assert before["accuracy"] < 1.0  # an untrained model does not already get them right
+    assert after["accuracy"] == 1.0 and after["predictions"] == sample.labels()
+    assert gen["accuracy"] == 1.0 and gen["invalid_rate"] == 0.0
 
 
 @pytest.mark.parametrize("favoured", [4, 3])

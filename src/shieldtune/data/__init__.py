@@ -41,6 +41,7 @@ from shieldtune.data.tasks import (
     encode_prompt,
     ensure_pad_token,
     format_instruction,
+    instruction_prompts,
     render_prompt,
     task_prompt_for,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "encode_prompt",
     "ensure_pad_token",
     "format_instruction",
+    "instruction_prompts",
     "generate_medical_sample",
     "load_builtin",
     "load_table",

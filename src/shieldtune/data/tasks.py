@@ -8,7 +8,9 @@ padding, and equals ``input_ids`` on the answer tokens and the end-of-sequence t
 them (Hugging Face convention: the model shifts labels itself). The prompt is rendered with
 the tokenizer's chat template when it has one (user turn = prompt, then the assistant turn
 holds the answer) and as ``### Question: ... ### Answer:`` otherwise. Long inputs are
-truncated inside the prompt (second text first, then the first text), never in the answer.
+truncated inside the prompt (second text first, then the first text), never in the answer, and
+always to leave room for the *longest* allowed answer, so a prompt (its length included) never
+depends on its label and scoring sees exactly the prompts training saw.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "encode_prompt",
     "ensure_pad_token",
     "format_instruction",
+    "instruction_prompts",
     "render_prompt",
     "task_prompt_for",
 ]
@@ -419,6 +422,113 @@ def _cut_tails(tokenizer: PreTrainedTokenizerBase, texts: list[str], drops: list
     return out
 
 
+def _instruction_setup(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    task_prompt: str | None,
+    answer_names: Sequence[str] | None,
+) -> tuple[list[str], str, list[list[int]]]:
+    """Check the arguments; return the answer names, the template and each answer's ids."""
+    _check_max_length(max_length)
+    if len(ds) == 0:
+        raise DataError(f"dataset {ds.name!r} is empty; nothing to encode")
+    names = list(answer_names) if answer_names is not None else list(ds.label_names)
+    if len(names) != ds.num_labels:
+        raise DataError(
+            f"answer_names has {len(names)} names but dataset {ds.name!r} has "
+            f"{ds.num_labels} labels ({ds.label_names})"
+        )
+    template = task_prompt if task_prompt is not None else task_prompt_for(ds.name)
+    return names, template, [answer_token_ids(tokenizer, a) for a in names]
+
+
+def _fit_prompts(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    template: str,
+    names: list[str],
+    reserve: int,
+) -> list[list[int]]:
+    """Prompt ids of every example, texts shortened until each prompt + ``reserve`` fits."""
+    budget = max_length - reserve
+    current = list(ds.examples)
+    prompt_ids: list[list[int]] = [[] for _ in current]
+    pending = list(range(len(current)))
+    while pending:  # render, measure, shorten the texts of rows that do not fit; repeat
+        encoded = _encode_prompts(
+            tokenizer, [format_instruction(current[i], names, template)[0] for i in pending]
+        )
+        cuts: dict[str, list[tuple[int, int]]] = {"text_pair": [], "text": []}
+        for i, ids in zip(pending, encoded, strict=True):
+            excess = len(ids) - budget
+            if excess <= 0:
+                prompt_ids[i] = ids
+            elif current[i].text_pair:
+                cuts["text_pair"].append((i, excess))
+            elif current[i].text:
+                cuts["text"].append((i, excess))
+            else:
+                need = len(ids) + reserve
+                raise ConfigError(
+                    f"max_length={max_length} is too small for example {i} of {ds.name!r}: "
+                    f"the instruction template alone takes {len(ids)} tokens and the longest "
+                    f"answer with its eos {reserve}; use max_length >= {need}"
+                )
+        pending = []
+        for field, items in cuts.items():
+            if not items:
+                continue
+            texts = [getattr(current[i], field) for i, _ in items]
+            shorter = _cut_tails(tokenizer, texts, [excess for _, excess in items])
+            for (i, _), text in zip(items, shorter, strict=True):
+                current[i] = dataclasses.replace(current[i], **{field: text})
+                pending.append(i)
+        pending.sort()
+    return prompt_ids
+
+
+def instruction_prompts(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    task_prompt: str | None = None,
+    answer_names: Sequence[str] | None = None,
+) -> list[list[int]]:
+    """Prompt token ids of each example, exactly as :func:`encode_instruction` lays them out.
+
+    A prompt never depends on the example's label: every prompt that must be shortened is
+    shortened to leave room for the *longest* allowed answer plus the eos, whatever the
+    example's own answer. (Shortening each prompt for its own answer would make the prompt's
+    length, and so where the text is cut, a function of the label: a model learns to read the
+    label off the cut instead of the text, and scoring candidates after one shared prompt
+    then no longer sees what training saw.) So scoring or generating after these prompts sees
+    exactly the ids training saw before the gold answer.
+
+    Args:
+        ds: The examples.
+        tokenizer: The tokenizer.
+        max_length: Most tokens of prompt + answer + eos.
+        task_prompt: Instruction template; None for ``task_prompt_for(ds.name)``.
+        answer_names: Answer string of each label; None for ``ds.label_names``.
+
+    Returns:
+        One list of prompt ids per example, in dataset order.
+
+    Raises:
+        DataError: The dataset is empty, or an answer name is missing or tokenizes to nothing.
+        ConfigError: ``max_length`` cannot hold the instruction template plus the longest
+            answer and its eos (the message says the minimum).
+    """
+    names, template, answers = _instruction_setup(
+        ds, tokenizer, max_length, task_prompt, answer_names
+    )
+    _eos_id(tokenizer)  # the eos is part of the reserve: refuse a tokenizer without one here
+    reserve = max(len(a) for a in answers) + 1
+    return _fit_prompts(ds, tokenizer, max_length, template, names, reserve)
+
+
 def encode_instruction(
     ds: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -428,11 +538,12 @@ def encode_instruction(
 ) -> dict[str, torch.Tensor]:
     """Tokenize a dataset for causal-LM instruction tuning, with the loss on the answer only.
 
-    Each row is ``encode_prompt(prompt) + answer_token_ids(answer) + [eos]``, right-padded
-    with the pad token (eos if the tokenizer has none). When a row would exceed
-    ``max_length``, the example's second text is shortened first, then its first text, and
-    the prompt is rendered again, so the instruction, the chat markup and the whole answer
-    always fit.
+    Each row is ``prompt + answer_token_ids(answer) + [eos]``, right-padded with the pad token
+    (eos if the tokenizer has none), where the prompt is :func:`instruction_prompts`'s: when a
+    prompt would leave no room for the longest allowed answer + eos within ``max_length``, the
+    example's second text is shortened first, then its first text, and the prompt is rendered
+    again, so the instruction, the chat markup and the whole answer always fit, and the prompt
+    (its length included) does not depend on the label.
 
     Args:
         ds: The dataset.
@@ -453,54 +564,14 @@ def encode_instruction(
         ConfigError: ``max_length`` cannot hold the instruction template plus the longest
             answer (the message says the minimum), or the tokenizer has no eos/pad token.
     """
-    _check_max_length(max_length)
-    if len(ds) == 0:
-        raise DataError(f"dataset {ds.name!r} is empty; nothing to encode")
-    names = list(answer_names) if answer_names is not None else list(ds.label_names)
-    if len(names) != ds.num_labels:
-        raise DataError(
-            f"answer_names has {len(names)} names but dataset {ds.name!r} has "
-            f"{ds.num_labels} labels ({ds.label_names})"
-        )
-    template = task_prompt if task_prompt is not None else task_prompt_for(ds.name)
+    names, template, answers = _instruction_setup(
+        ds, tokenizer, max_length, task_prompt, answer_names
+    )
     pad_id = ensure_pad_token(tokenizer)
     eos_id = _eos_id(tokenizer)
-    answers = [answer_token_ids(tokenizer, a) for a in names]
-
+    reserve = max(len(a) for a in answers) + 1
+    prompt_ids = _fit_prompts(ds, tokenizer, max_length, template, names, reserve)
     full_answers = [[*answers[ex.label], eos_id] for ex in ds.examples]
-    current = list(ds.examples)
-    prompt_ids: list[list[int]] = [[] for _ in current]
-    pending = list(range(len(current)))
-    while pending:  # render, measure, shorten the texts of rows that do not fit; repeat
-        encoded = _encode_prompts(
-            tokenizer, [format_instruction(current[i], names, template)[0] for i in pending]
-        )
-        cuts: dict[str, list[tuple[int, int]]] = {"text_pair": [], "text": []}
-        for i, ids in zip(pending, encoded, strict=True):
-            excess = len(ids) - (max_length - len(full_answers[i]))
-            if excess <= 0:
-                prompt_ids[i] = ids
-            elif current[i].text_pair:
-                cuts["text_pair"].append((i, excess))
-            elif current[i].text:
-                cuts["text"].append((i, excess))
-            else:
-                need = len(ids) + len(full_answers[i])
-                raise ConfigError(
-                    f"max_length={max_length} is too small for example {i} of {ds.name!r}: "
-                    f"the instruction template alone takes {len(ids)} tokens and the answer "
-                    f"{len(full_answers[i])}; use max_length >= {need}"
-                )
-        pending = []
-        for field, items in cuts.items():
-            if not items:
-                continue
-            texts = [getattr(current[i], field) for i, _ in items]
-            shorter = _cut_tails(tokenizer, texts, [excess for _, excess in items])
-            for (i, _), text in zip(items, shorter, strict=True):
-                current[i] = dataclasses.replace(current[i], **{field: text})
-                pending.append(i)
-        pending.sort()
 
     rows = [p + a for p, a in zip(prompt_ids, full_answers, strict=True)]
     label_rows = [

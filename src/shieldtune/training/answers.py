@@ -4,11 +4,11 @@ Both evaluations run through any ``forward(input_ids, attention_mask) -> logits 
 right-padded batches, so the same code evaluates the local model (the full slice) and the split
 path (``back(front(ids, mask), mask)``).
 
-Prompts are laid out and truncated by :func:`~shieldtune.data.tasks.encode_instruction` itself:
-every example is encoded as if its answer were the longest allowed one, so one prompt per example
-leaves room for any answer plus the closing eos, and all candidates of an example are scored after
-the same context. (When no truncation is needed, which is the usual case, the prompt is exactly
-the one training uses; when the prompt must be shortened, it is shortened for the longest answer.)
+Prompts are :func:`~shieldtune.data.tasks.instruction_prompts`, the very ids
+:func:`~shieldtune.data.tasks.encode_instruction` trains on: a prompt that must be shortened is
+shortened to leave room for the longest allowed answer + eos whatever the label, so one prompt
+per example serves every candidate, and the row scored for the gold answer is token for token
+the training row (ids and answer labels).
 
 * :func:`score_answers`: for each example and each allowed answer, the log-likelihood of the
   answer tokens plus eos given the prompt; the prediction is the answer with the highest sum
@@ -19,7 +19,6 @@ the one training uses; when the prompt must be shortened, it is shortened for th
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,8 +30,8 @@ from shieldtune.data.tables import Dataset
 from shieldtune.data.tasks import (
     _eos_id,
     answer_token_ids,
-    encode_instruction,
     ensure_pad_token,
+    instruction_prompts,
 )
 from shieldtune.errors import ConfigError, DataError, ModelError
 
@@ -83,8 +82,8 @@ def answer_prompts(
 ) -> list[list[int]]:
     """Prompt token ids of each example, with room for any allowed answer.
 
-    The layout and truncation are :func:`~shieldtune.data.tasks.encode_instruction`'s, applied
-    as if every example's answer were the longest allowed one.
+    Exactly the prompts :func:`~shieldtune.data.tasks.encode_instruction` trains on (see
+    :func:`~shieldtune.data.tasks.instruction_prompts`): they do not depend on the labels.
 
     Args:
         tokenizer: The tokenizer.
@@ -101,15 +100,7 @@ def answer_prompts(
         ConfigError: ``max_length`` cannot hold the template plus the longest answer.
     """
     names = _answer_names(dataset, answer_names)
-    lengths = [len(answer_token_ids(tokenizer, a)) for a in names]
-    longest = max(range(len(names)), key=lengths.__getitem__)
-    relabelled = Dataset(
-        examples=[dataclasses.replace(ex, label=longest) for ex in dataset.examples],
-        label_names=list(dataset.label_names),
-        name=dataset.name,
-    )
-    enc = encode_instruction(relabelled, tokenizer, max_length, task_prompt, names)
-    return [enc["input_ids"][i, :p].tolist() for i, p in enumerate(enc["prompt_lengths"].tolist())]
+    return instruction_prompts(dataset, tokenizer, max_length, task_prompt, names)
 
 
 def _check_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
