@@ -14,8 +14,10 @@ behind the attested channel, steps alternating so background load hits all alike
              the *offline* precompute (refilling the pool) is timed apart, per step.
 
 Printed: median step times and the ratio shielded ÷ plain; offline seconds per step; the
-backend the accelerator's probe chose (and its timings); the online time split (encode, mask,
-transfer, worker products, Freivalds, unmask, enclave-side ops = the rest); bytes to and from
+backend the accelerator's probe chose (and its timings); the online time split (take a factor
+from the pool, encode+mask, transfer, worker products, Freivalds, unmask+decode, enclave-side
+ops = the rest) over the timed steps; with ``--eager`` the same for a party whose elementwise
+passes are not fused (``shielded.fused: false``); bytes to and from
 the accelerator per step; peak RSS of each enclave process. On a GPU machine also
 shielded ÷ TEE-only (Slalom's metric) and shielded ÷ plain GPU step.
 
@@ -33,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -81,6 +84,11 @@ def main() -> None:
     ap.add_argument("--gemm", default="auto")
     ap.add_argument("--w-bits", type=int, default=12)
     ap.add_argument("--check-rate", type=float, default=1.0)
+    ap.add_argument(
+        "--eager",
+        action="store_true",
+        help="also a shielded party with the elementwise passes unfused (shielded.fused false)",
+    )
     args = ap.parse_args()
     os.environ.setdefault(PLATFORM_KEY_ENV, str(Path(tempfile.mkdtemp()) / "sim_platform_key"))
 
@@ -102,6 +110,7 @@ def main() -> None:
     batches = _batches(args, min(vocab, 30000), args.steps + 1)
     shielded_cfg = party_config(cfg, num_labels, args.steps + 1)
     plain_cfg = {**shielded_cfg, "offload": False}
+    eager_cfg = {**shielded_cfg, "fused": False}
 
     print(
         f"# shielded (Method 1) · model {args.model} ({args.task}) · batch {args.batch}×{args.seq}"
@@ -109,27 +118,38 @@ def main() -> None:
         f"{torch.get_num_threads()} threads · cuda: "
         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
     )
-    times: dict[str, list[float]] = {"plain": [], "shielded": []}
+    names = ["plain", "shielded", *(["eager"] if args.eager else [])]
+    times: dict[str, list[float]] = {name: [] for name in names}
     offline: list[float] = []
-    with (
-        open_party(plain_cfg, allow_simulated=True) as plain,
-        open_party(shielded_cfg, allow_simulated=True, device=args.device, gemm=args.gemm) as sh,
-    ):
-        info = sh.info
+    with ExitStack() as stack:
+        parties = {
+            "plain": stack.enter_context(open_party(plain_cfg, allow_simulated=True)),
+            "shielded": stack.enter_context(
+                open_party(shielded_cfg, allow_simulated=True, device=args.device, gemm=args.gemm)
+            ),
+        }
+        if args.eager:
+            parties["eager"] = stack.enter_context(
+                open_party(eager_cfg, allow_simulated=True, device=args.device, gemm=args.gemm)
+            )
+        info = parties["shielded"].info
+        warm: dict[str, dict] = {}
         for i, batch in enumerate(batches):
-            for name, party in (("plain", plain), ("shielded", sh)):
+            for name, party in parties.items():
                 start = time.perf_counter()
                 party.call("train_step", tensors=batch)
-                if i > 0:  # the first step warms up (allocations, pool pruning)
+                if i > 0:  # the first step warms up (compiling kernels, pool pruning)
                     times[name].append(time.perf_counter() - start)
-            reply = sh.call("refill").meta
-            if i > 0:
-                offline.append(float(reply["seconds"]))  # type: ignore[arg-type]
-        stats = dict(sh.call("stats").meta)
-        plain_stats = dict(plain.call("stats").meta)
+                if name != "plain":
+                    reply = party.call("refill").meta
+                    if i > 0 and name == "shielded":
+                        offline.append(float(reply["seconds"]))  # type: ignore[arg-type]
+                if i == 0:
+                    warm[name] = dict(party.call("stats").meta)
+        stats = {name: dict(party.call("stats").meta) for name, party in parties.items()}
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    steps = len(batches)
+    steps = len(batches) - 1  # timed steps (after the warm-up)
     print(
         f"accelerator device: {info.get('accelerator_device')}  ·  exact GEMM chosen by probe: "
         f"{info.get('accelerator_backend')}  ·  probe ms: {info.get('accelerator_probe')}"
@@ -138,34 +158,20 @@ def main() -> None:
         f"enclave factor GEMM: {info.get('enclave_gemm')}  ·  field p = {info.get('p')} "
         f"({info.get('field_bits')} bits) · w_bits {info.get('w_bits')} · min operand bits "
         f"fwd {info.get('fwd_bits_min')} bwd {info.get('bwd_bits_min')} · maps {info.get('maps')}"
+        f" · fused elementwise kernels: {stats['shielded'].get('fused_kernels')}"
     )
     print(f"{'party':<10}{'median step s':>15}{'÷ plain':>10}{'peak RSS MB':>14}")
-    print(
-        f"{'plain':<10}{med['plain']:>15.3f}{1.0:>10.2f}"
-        f"{int(plain_stats['peak_rss_bytes']) / 2**20:>14.0f}"
-    )
-    print(
-        f"{'shielded':<10}{med['shielded']:>15.3f}{med['shielded'] / med['plain']:>10.2f}"
-        f"{int(stats['peak_rss_bytes']) / 2**20:>14.0f}"
-    )
+    for name in names:
+        print(
+            f"{name:<10}{med[name]:>15.3f}{med[name] / med['plain']:>10.2f}"
+            f"{int(stats[name]['peak_rss_bytes']) / 2**20:>14.0f}"
+        )
     print(
         f"offline precompute per step (pool refill): {statistics.median(offline):.3f} s "
         f"(÷ plain step {statistics.median(offline) / med['plain']:.2f})"
     )
-    keys = ("encode", "mask", "transfer", "worker", "check", "unmask")
-    split = {k: float(stats[f"offload_{k}"]) / steps for k in keys}  # type: ignore[arg-type]
-    rest = med["shielded"] - sum(split.values())
-    print(
-        "online split per step (s): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in split.items())
-        + f", enclave-side ops and channel {rest:.3f}"
-    )
-    per_step = (int(stats["offload_bytes_sent"]) + int(stats["offload_bytes_received"])) / steps
-    print(
-        f"bytes to+from the accelerator per step: {per_step / 2**20:.1f} MiB "
-        f"({int(stats['offload_products']) // steps} products/step); pool misses "
-        f"{stats['pool_misses']}, pool held {int(stats['pool_bytes']) / 2**20:.0f} MiB"
-    )
+    for name in names[1:]:
+        _split(name, stats[name], warm[name], med[name], steps)
     print(
         json.dumps(
             {
@@ -174,6 +180,28 @@ def main() -> None:
                 "offline_s": statistics.median(offline),
             }
         )
+    )
+
+
+def _split(name: str, stats: dict, warm: dict, median: float, steps: int) -> None:
+    """The online time split per timed step (the warm-up step's share taken out)."""
+
+    def per_step(key: str) -> float:
+        return (float(stats[key]) - float(warm[key])) / steps
+
+    keys = ("encode", "mask", "transfer", "worker", "check", "unmask")
+    split = {k: per_step(f"offload_{k}") for k in keys}
+    rest = median - sum(split.values())
+    print(
+        f"{name} online split per step (s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in split.items())
+        + f", enclave-side ops and channel {rest:.3f}"
+    )
+    moved = per_step("offload_bytes_sent") + per_step("offload_bytes_received")
+    print(
+        f"{name}: bytes to+from the accelerator per step: {moved / 2**20:.1f} MiB "
+        f"({per_step('offload_products'):.0f} products/step); pool misses "
+        f"{stats['pool_misses']}, pool held {int(stats['pool_bytes']) / 2**20:.0f} MiB"
     )
 
 

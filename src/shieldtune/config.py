@@ -36,7 +36,9 @@ __all__ = [
     "adapter_settings",
 ]
 
-Mode = Literal["local", "plain-split", "split", "plain-fedavg", "secure-fedavg", "shielded"]
+Mode = Literal[
+    "local", "plain-split", "split", "plain-fedavg", "secure-fedavg", "shielded", "shielded-fedavg"
+]
 
 
 class _Strict(BaseModel):
@@ -118,7 +120,7 @@ class SplitConfig(_Strict):
 
 
 class FederatedConfig(_Strict):
-    """Federated rounds on Flower (plain-fedavg, secure-fedavg)."""
+    """Federated rounds on Flower (plain-fedavg, secure-fedavg, shielded-fedavg)."""
 
     num_clients: int = Field(3, ge=1, le=1000, description="client nodes (one data partition each)")
     rounds: int = Field(3, ge=1, description="federated rounds")
@@ -160,6 +162,11 @@ class ShieldedConfig(_Strict):
         0, ge=0, le=60, description="cap on the encoded operands' bits (0: what the field allows)"
     )
     check_rate: float = Field(1.0, ge=0, le=1, description="share of products Freivalds-checked")
+    fused: bool = Field(
+        True,
+        description="fuse the encode+mask and unmask+decode passes with torch.compile (same "
+        "arithmetic; eager where it cannot compile)",
+    )
     pool_size: int = Field(1, ge=0, le=64, description="ready unmasking factors per stream")
     refill: Literal["after-step", "idle"] = Field(
         "after-step",
@@ -182,7 +189,9 @@ class RunConfig(_Strict):
     """One training run."""
 
     mode: Mode = Field(
-        "local", description="local | plain-split | split | plain-fedavg | secure-fedavg | shielded"
+        "local",
+        description="local | plain-split | split | plain-fedavg | secure-fedavg | shielded | "
+        "shielded-fedavg",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

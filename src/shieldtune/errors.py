@@ -67,7 +67,7 @@ class MaskReuseError(ShieldtuneError):
 
 
 class EncodingError(ShieldtuneError):
-    """A value cannot be encoded exactly (fixed-point overflow, non-finite input, field too small)."""
+    """A value cannot be encoded exactly (fixed-point overflow, non-finite input, small field)."""
 
 
 class SealingError(ShieldtuneError):

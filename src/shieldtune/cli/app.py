@@ -41,7 +41,8 @@ def train(
         typer.Option(help="secure-fedavg: continue this interrupted run folder (sealed state)"),
     ] = None,
 ) -> None:
-    """Fine-tune a model in one mode (local, plain-split) and write a run folder."""
+    """Fine-tune a model in the config's mode (local, plain-split, split, plain-fedavg,
+    secure-fedavg, shielded, shielded-fedavg) and write a run folder."""
     from shieldtune.cli.train import train_command
 
     _exit(guarded(lambda: train_command(config, set_ or [], resume)))

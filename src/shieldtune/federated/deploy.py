@@ -34,6 +34,7 @@ from shieldtune.errors import ConfigError
 
 __all__ = [
     "ENCLAVE_PROGRAM",
+    "SECURE_MODES",
     "PollingGrid",
     "wait_for_nodes",
     "write_app_bundle",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 ENCLAVE_PROGRAM = "fedavg"
+#: Modes whose aggregation runs in the server's ``fedavg`` enclave.
+SECURE_MODES = ("secure-fedavg", "shielded-fedavg")
 
 
 class PollingGrid(Grid):
@@ -243,9 +246,9 @@ def federation_fingerprint(cfg: RunConfig) -> str:
 
 def check_secure_opt_in(cfg: RunConfig) -> None:
     f = cfg.federated
-    if cfg.mode == "secure-fedavg" and f.backend == "simulated" and not f.allow_simulated:
+    if cfg.mode in SECURE_MODES and f.backend == "simulated" and not f.allow_simulated:
         raise ConfigError(
-            "federated.allow_simulated: secure-fedavg on the 'simulated' backend gives NO "
+            f"federated.allow_simulated: {cfg.mode} on the 'simulated' backend gives NO "
             "hardware protection; set federated.allow_simulated=true to run it anyway"
         )
 

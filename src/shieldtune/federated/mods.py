@@ -1,6 +1,15 @@
-"""``SealedUpdateMod``: a Flower client mod that end-to-end encrypts updates to the server enclave.
+"""Flower client mods that end-to-end encrypt updates to the server enclave.
 
-It wraps the plain ``train`` / ``evaluate`` functions of
+Two mods, one protocol (:mod:`~shieldtune.tee.endpoint`), differing only in where the
+client's end of the channel lives:
+
+- ``SealedUpdateMod`` (secure-fedavg): in the client's host process, the node state in Flower's
+  ``Context`` (below);
+- ``PartySealedMod`` (shielded-fedavg): inside the client's own enclave (the
+  ``shielded-party`` program); the mod relays ciphertext to it, and the plain train and evaluate
+  functions receive and return no adapter tensors at all.
+
+``SealedUpdateMod`` wraps the plain ``train`` / ``evaluate`` functions of
 :mod:`~shieldtune.federated.client_app` (``(msg, ctx, call_next) -> msg``) and answers the
 handshake queries itself:
 
@@ -36,30 +45,17 @@ replayed or reordered one is refused on open.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from shieldtune.crypto.channel import (
-    ChannelSession,
-    ClientHello,
-    KeyPair,
-    ServerHello,
-    SessionKeys,
-    client_hello,
-    derive_session_keys,
-    transcript_hash,
-)
-from shieldtune.crypto.framing import Frame, FrameLimits, decode_frame, encode_frame
-from shieldtune.errors import AttestationError, ChannelError, IntegrityError, ShieldtuneError
+from shieldtune.crypto.framing import FrameLimits, bytes_to_tensor, tensor_to_bytes
+from shieldtune.errors import ChannelError, IntegrityError, ShieldtuneError
 from shieldtune.federated.codec import (
     from_array_record,
     pack_records,
@@ -67,10 +63,10 @@ from shieldtune.federated.codec import (
     unpack_records,
 )
 from shieldtune.federated.messages import CONNECT, HELLO
-from shieldtune.tee.attestation import Evidence, Verifier
-from shieldtune.tee.enclave import raise_error_frame
+from shieldtune.tee import endpoint
+from shieldtune.tee.attestation import Verifier
 
-__all__ = ["SealedUpdateMod", "HELLO", "CONNECT", "PENDING_KEY", "CHANNEL_KEY"]
+__all__ = ["SealedUpdateMod", "PartySealedMod", "HELLO", "CONNECT", "PENDING_KEY", "CHANNEL_KEY"]
 
 log = logging.getLogger("shieldtune.federated")
 PENDING_KEY = "shieldtune.pending"  # Context.state entry between hello and connect
@@ -78,83 +74,74 @@ CHANNEL_KEY = "shieldtune.channel"  # Context.state entry of the established ses
 _STATE_LOCK = threading.Lock()  # in-process simulation: concurrent calls of one node
 
 
-@dataclass
-class _Session:
-    channel: ChannelSession
-    keys: SessionKeys
-    client_id: str
-    global_round: int = 0
+class _SealingMod:
+    """The message flow both mods share; subclasses say where the channel's end is.
 
-    def to_record(self) -> ConfigRecord:
-        k = self.keys
-        return ConfigRecord(
-            {
-                "send_key": k.send_key,
-                "send_iv": k.send_iv,
-                "recv_key": k.recv_key,
-                "recv_iv": k.recv_iv,
-                "send_direction": k.send_direction,
-                "recv_direction": k.recv_direction,
-                "transcript": k.transcript,
-                "send_seq": self.channel.send_seq,
-                "recv_seq": self.channel.recv_seq,
-                "client_id": self.client_id,
-                "global_round": self.global_round,
-            }
-        )
+    ``hello`` / ``connect`` answer the server's handshake queries; ``open`` turns a round's
+    sealed records into what the plain function reads (the global adapter, or nothing when it
+    stays in an enclave) plus a token for ``seal``/``failed``; ``seal`` turns the plain reply's
+    update (``None`` for evaluate) into sealed records.
+    """
 
-    @classmethod
-    def from_record(cls, rec: ConfigRecord) -> _Session:
+    def hello(self, ctx: Context) -> bytes:
+        raise NotImplementedError
+
+    def connect(self, ctx: Context, server_hello: bytes) -> bytes:
+        raise NotImplementedError
+
+    def open(self, ctx: Context, records: list[bytes]) -> tuple[dict[str, torch.Tensor], Any]:
+        raise NotImplementedError
+
+    def seal(
+        self, ctx: Context, token: Any, update: dict[str, torch.Tensor] | None, n: float
+    ) -> list[bytes]:
+        raise NotImplementedError
+
+    def failed(self, ctx: Context, token: Any) -> None:
+        """Forget the session that failed (a new handshake follows)."""
+
+    def __call__(self, msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        """Handle the handshake, or open / seal around the plain function."""
+        kind = msg.metadata.message_type
+        token: Any = None
         try:
-            keys = SessionKeys(
-                send_key=_bytes(rec, "send_key"),
-                send_iv=_bytes(rec, "send_iv"),
-                recv_key=_bytes(rec, "recv_key"),
-                recv_iv=_bytes(rec, "recv_iv"),
-                send_direction=int(rec["send_direction"]),  # type: ignore[arg-type]
-                recv_direction=int(rec["recv_direction"]),  # type: ignore[arg-type]
-                transcript=_bytes(rec, "transcript"),
-            )
-            channel = ChannelSession(keys)
-            channel.send_seq = int(rec["send_seq"])  # type: ignore[arg-type]
-            channel.recv_seq = int(rec["recv_seq"])  # type: ignore[arg-type]
-            return cls(channel, keys, str(rec["client_id"]), int(rec["global_round"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ChannelError(f"stored channel session is unreadable: {err!r}") from None
+            if kind == HELLO:
+                hello = ConfigRecord({"hello": self.hello(ctx)})
+                return Message(RecordDict({"handshake": hello}), reply_to=msg)
+            if kind == CONNECT:
+                raw = msg.content["handshake"]["server_hello"]
+                if not isinstance(raw, bytes):
+                    raise ChannelError("server hello missing from the connect message")
+                fetch = self.connect(ctx, raw)
+                return Message(RecordDict({"sealed": pack_records([fetch])}), reply_to=msg)
+            if kind.split(".")[0] in ("train", "evaluate"):
+                if "sealed" not in msg.content:  # never answer a plain server with a clear update
+                    raise ChannelError(
+                        "the message carries no sealed records; is the server plain?"
+                    )
+                glob, token = self.open(ctx, unpack_records(msg.content["sealed"]))
+                config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+                msg.content = RecordDict({"arrays": to_array_record(glob), "config": config})
+                reply = call_next(msg, ctx)
+                if reply.has_error():
+                    self.failed(ctx, token)
+                    return reply
+                metrics = reply.content["metrics"]
+                train = kind.startswith("train")
+                update = from_array_record(reply.content["arrays"]) if train else None
+                n = float(metrics["num-examples"]) if train else 0.0  # type: ignore[arg-type]
+                records = self.seal(ctx, token, update, n)
+                content = RecordDict({"sealed": pack_records(records), "metrics": metrics})
+                return Message(content, reply_to=msg)
+        except ShieldtuneError as err:
+            self.failed(ctx, token)
+            log.warning("node %s: %s: %s", ctx.node_id, type(err).__name__, err)
+            reason = f"{type(err).__name__}: {err}"
+            return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+        return call_next(msg, ctx)
 
 
-def _bytes(rec: ConfigRecord, key: str) -> bytes:
-    value = rec[key]
-    if not isinstance(value, bytes):
-        raise TypeError(f"{key} is {type(value).__name__}, not bytes")
-    return value
-
-
-class _IssuedNonce:
-    """The verifier's nonce registry, restored from the context: one nonce, used once."""
-
-    def __init__(self, nonce: bytes, issued: int, max_age_s: int) -> None:
-        self.nonce, self.issued, self.max_age_s = nonce, issued, max_age_s
-
-    def issue(self, now: object = None) -> bytes:  # pragma: no cover  (never called)
-        raise AttestationError("a restored nonce registry issues no new nonces")
-
-    def consume(self, nonce: bytes, now: object = None) -> None:
-        """Accept the stored nonce once, while fresh (as ``NonceRegistry.consume``)."""
-        if self.nonce is None or nonce != self.nonce:
-            raise AttestationError(
-                "nonce was not issued by this verifier or was already used: stale or replayed "
-                "evidence; start a new handshake"
-            )
-        self.nonce = None
-        age = int(time.time()) - self.issued
-        if age > self.max_age_s:
-            raise AttestationError(
-                f"nonce is stale: issued {age} s ago, policy max_nonce_age_s={self.max_age_s}"
-            )
-
-
-class SealedUpdateMod:
+class SealedUpdateMod(_SealingMod):
     """Client mod: attested channel to the server enclave; updates leave only encrypted.
 
     Holds no per-node state itself (see the module docstring): a fresh instance per message,
@@ -171,147 +158,131 @@ class SealedUpdateMod:
         self.verifier = verifier
         self.limits = limits or FrameLimits()
 
-    def __call__(self, msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        """Handle the handshake, or open / seal around the plain function."""
-        kind = msg.metadata.message_type
-        session: _Session | None = None
-        try:
-            if kind == HELLO:
-                return self._hello(msg, ctx)
-            if kind == CONNECT:
-                return self._connect(msg, ctx)
-            if kind.split(".")[0] in ("train", "evaluate"):
-                session = self._load(ctx)
-                return self._sealed_call(msg, ctx, call_next, session)
-        except ShieldtuneError as err:
-            self._forget(ctx, session)
-            log.warning("node %s: %s: %s", ctx.node_id, type(err).__name__, err)
-            reason = f"{type(err).__name__}: {err}"
-            return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
-        return call_next(msg, ctx)
-
     # ------------------------------------------------------------------ node state
     @staticmethod
-    def _load(ctx: Context) -> _Session:
+    def _load(ctx: Context) -> endpoint.ClientSession:
         with _STATE_LOCK:
             if CHANNEL_KEY not in ctx.state:
                 raise ChannelError("no channel session with the server enclave (handshake first)")
-            return _Session.from_record(ctx.state[CHANNEL_KEY])  # type: ignore[arg-type]
+            return endpoint.ClientSession.from_state(dict(ctx.state[CHANNEL_KEY]))  # type: ignore[arg-type]
 
     @staticmethod
-    def _store(ctx: Context, session: _Session) -> None:
+    def _store(ctx: Context, session: endpoint.ClientSession) -> None:
         """Write the session's counters back, unless a newer handshake replaced it meanwhile."""
         with _STATE_LOCK:
             current = ctx.state.get(CHANNEL_KEY)
             if current is not None and current.get("transcript") == session.keys.transcript:
-                ctx.state[CHANNEL_KEY] = session.to_record()
+                ctx.state[CHANNEL_KEY] = ConfigRecord(session.to_state())  # type: ignore[arg-type]
 
-    @staticmethod
-    def _forget(ctx: Context, session: _Session | None) -> None:
+    def failed(self, ctx: Context, token: Any) -> None:
         """Drop the stored session (only the one that failed, not a newer one)."""
         with _STATE_LOCK:
             current = ctx.state.get(CHANNEL_KEY)
             if current is None:
                 return
-            if session is None or current.get("transcript") == session.keys.transcript:
+            if token is None or current.get("transcript") == token.keys.transcript:
                 del ctx.state[CHANNEL_KEY]
 
     # ------------------------------------------------------------------ handshake
-    def _hello(self, msg: Message, ctx: Context) -> Message:
-        issued = int(time.time())
-        keys, hello = client_hello()  # a fresh nonce from the OS CSPRNG; checked at connect
-        pending = ConfigRecord(
-            {
-                "private": keys.private.private_bytes_raw(),
-                "hello": hello.to_bytes(),
-                "issued": issued,
-            }
-        )
+    def hello(self, ctx: Context) -> bytes:
+        pending = endpoint.start()
         with _STATE_LOCK:
-            ctx.state[PENDING_KEY] = pending
+            ctx.state[PENDING_KEY] = ConfigRecord(pending.to_state())  # type: ignore[arg-type]
             if CHANNEL_KEY in ctx.state:
                 del ctx.state[CHANNEL_KEY]
-        content = RecordDict({"handshake": ConfigRecord({"hello": hello.to_bytes()})})
-        return Message(content, reply_to=msg)
+        return pending.hello.to_bytes()
 
-    def _connect(self, msg: Message, ctx: Context) -> Message:
+    def connect(self, ctx: Context, server_hello: bytes) -> bytes:
         with _STATE_LOCK:
-            pending = ctx.state.get(PENDING_KEY)
-            if pending is not None:
+            stored = ctx.state.get(PENDING_KEY)
+            if stored is not None:
                 del ctx.state[PENDING_KEY]  # one connect per hello
-        if pending is None:
+        if stored is None:
             raise ChannelError("connect without a hello: the server must start the handshake")
-        try:
-            private = X25519PrivateKey.from_private_bytes(_bytes(pending, "private"))  # type: ignore[arg-type]
-            hello = ClientHello.from_bytes(_bytes(pending, "hello"))  # type: ignore[arg-type]
-            issued = int(pending["issued"])  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ChannelError(f"stored handshake state is unreadable: {err!r}") from None
-        keys = KeyPair(private=private, public=private.public_key().public_bytes_raw())
-        verifier = self.verifier()
-        verifier.nonces = _IssuedNonce(hello.nonce, issued, verifier.policy.max_nonce_age_s)  # type: ignore[assignment]
-        raw = msg.content["handshake"]["server_hello"]
-        if not isinstance(raw, bytes):
-            raise ChannelError("server hello missing from the connect message")
-        server = ServerHello.from_bytes(raw)
-        verifier.verify_channel(  # raises AttestationError: no secret is sent before this
-            Evidence.from_json(server.evidence), hello=hello, enclave_public=server.enclave_public
-        )
-        transcript = transcript_hash(hello.client_public, hello.nonce, server.enclave_public)
-        session_keys = derive_session_keys(keys, server.enclave_public, transcript, "client")
-        session = _Session(ChannelSession(session_keys), session_keys, secrets.token_hex(8))
-        fetch = self._seal(session, {"ecall": "fetch"})
+        pending = endpoint.Pending.from_state(dict(stored))  # type: ignore[arg-type]
+        session = endpoint.connect(pending, server_hello, self.verifier())
+        fetch = session.reply(None, limits=self.limits)[0]
         with _STATE_LOCK:
-            ctx.state[CHANNEL_KEY] = session.to_record()
-        return Message(RecordDict({"sealed": pack_records([fetch])}), reply_to=msg)
+            ctx.state[CHANNEL_KEY] = ConfigRecord(session.to_state())  # type: ignore[arg-type]
+        return fetch
 
     # ------------------------------------------------------------------ rounds
-    def _seal(
-        self, session: _Session, meta: dict, tensors: dict[str, torch.Tensor] | None = None
-    ) -> bytes:
-        return bytes(session.channel.seal(encode_frame(meta, tensors, self.limits)))
-
-    def _open(self, session: _Session, record: bytes) -> Frame:
-        frame = decode_frame(session.channel.open(record), self.limits)
-        raise_error_frame(frame, "server enclave refused a request")
-        frame.meta.pop("op", None)
-        return frame
-
-    def _sealed_call(
-        self, msg: Message, ctx: Context, call_next: ClientAppCallable, session: _Session
-    ) -> Message:
-        if "sealed" not in msg.content:  # never answer a plain server with a clear update
-            raise ChannelError("the message carries no sealed records; is the server plain?")
-        glob: dict[str, torch.Tensor] | None = None
-        for record in unpack_records(msg.content["sealed"]):
-            frame = self._open(session, record)
-            if "accepted" in frame.meta:  # the enclave's answer to our last submit
-                if not frame.meta["accepted"]:
-                    log.warning("node %s: update refused: %s", ctx.node_id, frame.meta["reason"])
-                continue
-            session.global_round = frame.meta_int("round")
-            glob = dict(frame.tensors)
+    def open(
+        self, ctx: Context, records: list[bytes]
+    ) -> tuple[dict[str, torch.Tensor], endpoint.ClientSession]:
+        session = self._load(ctx)
+        try:
+            glob, refused = session.open_round(records, self.limits)
+        except ShieldtuneError:
+            self.failed(ctx, session)
+            raise
+        for reason in refused:
+            log.warning("node %s: update refused: %s", ctx.node_id, reason)
         if glob is None:
+            self.failed(ctx, session)
             raise IntegrityError("the message carries no global adapter from the enclave")
         self._store(ctx, session)  # the opened records are spent, whatever happens next
-        config = msg.content["config"] if "config" in msg.content else ConfigRecord()
-        msg.content = RecordDict({"arrays": to_array_record(glob), "config": config})
-        reply = call_next(msg, ctx)
-        if reply.has_error():
-            self._forget(ctx, session)
-            return reply
-        records = []
-        if msg.metadata.message_type.startswith("train"):
-            metrics = reply.content["metrics"]
-            update = from_array_record(reply.content["arrays"])
-            meta = {
-                "ecall": "submit",
-                "client": session.client_id,
-                "round": session.global_round + 1,
-                "num_examples": float(metrics["num-examples"]),  # type: ignore[arg-type]
-            }
-            records.append(self._seal(session, meta, update))
-        records.append(self._seal(session, {"ecall": "fetch"}))
-        self._store(ctx, session)
-        content = RecordDict({"sealed": pack_records(records), "metrics": reply.content["metrics"]})
-        return Message(content, reply_to=msg)
+        return glob, session
+
+    def seal(
+        self,
+        ctx: Context,
+        token: endpoint.ClientSession,
+        update: dict[str, torch.Tensor] | None,
+        n: float,
+    ) -> list[bytes]:
+        records = token.reply(update, n, self.limits)
+        self._store(ctx, token)
+        return records
+
+
+class PartyCaller(Protocol):
+    """An attested channel from the client's host to its own enclave (``call(ecall, ...)``)."""
+
+    def call(self, ecall: str, meta: dict | None = None, tensors: dict | None = None) -> Any: ...
+
+
+def _records(tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    return [tensor_to_bytes(tensors[f"record.{i}"]) for i in range(len(tensors))]
+
+
+def _as_tensors(records: list[bytes]) -> dict[str, torch.Tensor]:
+    return {f"record.{i}": bytes_to_tensor(r) for i, r in enumerate(records)}
+
+
+class PartySealedMod(_SealingMod):
+    """Client mod whose channel to the server enclave ends inside the client's enclave.
+
+    The client's host relays the server's records into its enclave (``fed_*`` ECALLs of the
+    ``shielded-party`` program, over the host's own attested channel to it) and the enclave's
+    records back: the host never holds the update, the global adapter or the session keys.
+
+    Args:
+        party_for: The node's enclave (an attested :class:`PartyCaller`), by Flower context.
+    """
+
+    def __init__(self, party_for: Callable[[Context], PartyCaller]) -> None:
+        self.party_for = party_for
+
+    def hello(self, ctx: Context) -> bytes:
+        return tensor_to_bytes(self.party_for(ctx).call("fed_hello").tensors["hello"])
+
+    def connect(self, ctx: Context, server_hello: bytes) -> bytes:
+        reply = self.party_for(ctx).call(
+            "fed_connect", tensors={"server_hello": bytes_to_tensor(server_hello)}
+        )
+        return _records(reply.tensors)[0]
+
+    def open(self, ctx: Context, records: list[bytes]) -> tuple[dict[str, torch.Tensor], None]:
+        reply = self.party_for(ctx).call("fed_open", tensors=_as_tensors(records))
+        for reason in reply.meta.get("refused") or []:
+            log.warning("node %s: update refused: %s", ctx.node_id, reason)
+        return {}, None  # the global adapter stays in the enclave
+
+    def seal(
+        self, ctx: Context, token: None, update: dict[str, torch.Tensor] | None, n: float
+    ) -> list[bytes]:
+        if update:  # the plain function must not produce a clear update here
+            raise IntegrityError("a clear adapter update reached the host of a shielded client")
+        meta = {"submit": update is not None, "num_examples": n}
+        return _records(self.party_for(ctx).call("fed_seal", meta).tensors)

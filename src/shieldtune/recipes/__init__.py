@@ -12,6 +12,7 @@ RECIPES = {
     "split": run_split_secure,
     "plain-fedavg": run_federated,
     "secure-fedavg": run_federated,
+    "shielded-fedavg": run_federated,
     "shielded": run_shielded,
 }
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,15 @@ from flwr.serverapp.strategy import Strategy
 
 from shieldtune.config import RunConfig, adapter_settings, load_config
 from shieldtune.errors import ConfigError, SealingError
-from shieldtune.federated.client_app import AdapterTrainer, LocalTraining, build_client_app
+from shieldtune.federated.client_app import (
+    AdapterTrainer,
+    LocalTraining,
+    Trainer,
+    build_client_app,
+)
 from shieldtune.federated.deploy import (
     ENCLAVE_PROGRAM,
+    SECURE_MODES,
     check_fingerprint,
     check_secure_opt_in,
     client_policy,
@@ -112,14 +120,27 @@ def _settings(cfg: RunConfig, num_labels: int) -> LocalTraining:
 
 # ---------------------------------------------------------------------- client side
 def node_trainer_factory(
-    cfg: RunConfig, prep: Prepared | None = None
-) -> Callable[[Context], AdapterTrainer]:
+    cfg: RunConfig,
+    prep: Prepared | None = None,
+    build: Callable[[LocalTraining, dict, dict, int], Trainer] | None = None,
+) -> Callable[[Context], Trainer]:
     """``trainer_for(context)``: the trainer of the node with ``partition-id`` of
-    ``num-partitions`` in its node config (data prepared on first use unless ``prep``)."""
+    ``num-partitions`` in its node config (data prepared on first use unless ``prep``), built
+    once per node by ``build(settings, train_share, test_share, partition)`` (default:
+    :class:`AdapterTrainer`)."""
     settings_and_prep: dict[str, Any] = {}
     shares: dict[int, list[tuple[list[int], list[int]]]] = {}
+    built: dict[int, Trainer] = {}
+    make = build or AdapterTrainer
+    lock = threading.Lock()
 
-    def trainer_for(context: Context) -> AdapterTrainer:
+    def trainer_for(context: Context) -> Trainer:
+        with lock:
+            if context.node_id not in built:
+                built[context.node_id] = _build(context)
+            return built[context.node_id]
+
+    def _build(context: Context) -> Trainer:
         if "prep" not in settings_and_prep:
             p = prep if prep is not None else prepare(cfg)
             settings_and_prep.update(prep=p, settings=_settings(cfg, p.num_labels))
@@ -141,7 +162,7 @@ def node_trainer_factory(
                 labels, n_train, n_test, parts, f.partition, f.alpha, f.partition_seed
             )
         train_rows, test_rows = shares[parts][part]
-        return AdapterTrainer(settings, take(p.train, train_rows), take(p.test, test_rows), part)
+        return make(settings, take(p.train, train_rows), take(p.test, test_rows), part)
 
     return trainer_for
 
@@ -341,7 +362,7 @@ def _open_server(
     """Run folder, strategy (plus enclave and wrappers for secure-fedavg), event logger."""
     from shieldtune.federated.secure import EnclaveAggregation
 
-    f, secure = cfg.federated, cfg.mode == "secure-fedavg"
+    f, secure = cfg.federated, cfg.mode in SECURE_MODES
     enclave = audit = None
     done = 0
     history: list[dict[str, Any]] = []
@@ -432,7 +453,8 @@ def run_federated(
     *,
     resume: Path | None = None,
 ) -> Path:
-    """Run plain-fedavg or secure-fedavg as a Flower simulation and write a run folder.
+    """Run plain-fedavg, secure-fedavg or shielded-fedavg as a Flower simulation; write a run
+    folder.
 
     Args:
         cfg: The run config.
@@ -447,15 +469,19 @@ def run_federated(
     check_secure_opt_in(cfg)
     prep = prepare(cfg)
     settings = _settings(cfg, prep.num_labels)
-    trainer_for = node_trainer_factory(cfg, prep)
     server = _open_server(cfg, on_progress, resume)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
+    parties = ExitStack()  # shielded-fedavg: every client's enclave and accelerator
     try:
         keys = getattr(server.enclave, "platform", None)
         key = getattr(keys, "public_key_hex", None)
         policy = client_policy(cfg, [key] if key else []) if server.enclave is not None else None
-        client_app = build_client_app(trainer_for, node_client_mods(cfg, policy))
+        if cfg.mode == "shielded-fedavg":
+            trainer_for, mods = _shielded_clients(cfg, prep, policy, parties, server.run.path)
+        else:
+            trainer_for, mods = node_trainer_factory(cfg, prep), node_client_mods(cfg, policy)
+        client_app = build_client_app(trainer_for, mods)
         server_app = build_server_app(server.strategy, f.rounds - server.done, f.round_timeout_s)
         # train
         flwr_log.setLevel(logging.WARNING)
@@ -464,7 +490,8 @@ def run_federated(
         train_time = time.perf_counter() - t0
         # save
         trainers = client_app.trainers  # type: ignore[attr-defined]
-        trainers[min(trainers)].save(server.run.path / "adapter")  # as client 0 holds it
+        first = trainers[min(trainers)]
+        first.save(server.run.path / "adapter")  # as client 0 holds it (sealed if shielded)
         to_client = [t.nbytes for t in grid.traffic if t.direction == "to_client"]
         to_server = [t.nbytes for t in grid.traffic if t.direction == "to_server"]
         per_round = f.num_clients * (f.rounds - server.done)
@@ -482,14 +509,70 @@ def run_federated(
             "bytes_to_client_per_round": round(sum(to_client) / per_round),
             "bytes_to_server_per_round": round(sum(to_server) / per_round),
         }
+        if cfg.mode == "shielded-fedavg":
+            extra.update(_check_parties(trainers.values(), server.run.path))
         # cleanup
-        return _finish_server(server, cfg, train_time, extra)
+        final = _finish_server(server, cfg, train_time, extra)
+        if cfg.mode == "shielded-fedavg":
+            first.save(final / "adapter")  # sealed again, bound to the folder's final name
+        return final
     except BaseException:
         server.run.abort()
         raise
     finally:
         flwr_log.setLevel(level)
+        parties.close()
         _stop(server)
+
+
+def _shielded_clients(
+    cfg: RunConfig, prep: Prepared, policy: Any, parties: ExitStack, run_path: Path
+) -> tuple[Callable[[Context], Trainer], list[Any]]:
+    """shielded-fedavg clients: each node's party (enclave + accelerator, entered on
+    ``parties``) trains in its enclave; its channel to the server enclave ends in there."""
+    from shieldtune.federated.mods import PartySealedMod
+    from shieldtune.recipes.shielded import ACCEL_AUDIT, ShieldedTrainer, open_party, party_config
+
+    s = cfg.shielded
+    num_labels = prep.num_labels if cfg.model.task == "seq-cls" else None
+    config = party_config(cfg, num_labels, prep.total_steps, policy.model_dump_json())
+
+    def build(settings: LocalTraining, train: dict, test: dict, part: int) -> Trainer:
+        audit = run_path / ACCEL_AUDIT.replace(".jsonl", f"_{part}.jsonl") if s.offload else None
+        party = parties.enter_context(
+            open_party(
+                config,
+                backend=s.backend,
+                allow_simulated=s.allow_simulated,
+                device=s.device,
+                gemm=s.gemm,
+                memory_mb=s.enclave_memory_mb,
+                accel_audit=audit,
+            )
+        )
+        return ShieldedTrainer(party, settings, train, test, part, s.refill)
+
+    trainer_for = node_trainer_factory(cfg, prep, build)
+    return trainer_for, [PartySealedMod(lambda ctx: trainer_for(ctx).party)]  # type: ignore[attr-defined]
+
+
+def _check_parties(trainers: Any, run_path: Path) -> dict[str, Any]:
+    """Every party's boundary: no adapter tensor and no batch crossed it in the clear, and
+    every operand its accelerator saw was masked. Writes each party's audit log."""
+    from shieldtune.recipes.shielded import check_accelerator_view
+
+    crossings = 0
+    tees = set()
+    for t in trainers:
+        party, part = t.party, t.partition
+        for pattern in (*_SECRET_NAMES, "input_ids", "labels"):
+            party.audit.assert_nothing_clear(pattern)
+        lines = "".join(c.to_json() + "\n" for c in party.audit.records)
+        (run_path / f"party_audit_{part}.jsonl").write_text(lines)
+        if party.accelerator is not None:
+            crossings += check_accelerator_view(party.accelerator.audit)
+        tees.add(party.tee)
+    return {"party_tee": sorted(tees), "accelerator_crossings": crossings}
 
 
 # ---------------------------------------------------------------------- deployment

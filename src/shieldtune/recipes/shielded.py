@@ -39,7 +39,14 @@ from shieldtune.tee.enclave import Enclave, create_enclave
 from shieldtune.tee.program import measure_program
 from shieldtune.training import evaluate, fit
 
-__all__ = ["run_shielded", "party_config", "ShieldedSession", "open_party", "SEALED_FILE"]
+__all__ = [
+    "run_shielded",
+    "party_config",
+    "ShieldedSession",
+    "ShieldedTrainer",
+    "open_party",
+    "SEALED_FILE",
+]
 
 log = logging.getLogger("shieldtune.shielded")
 SEALED_FILE = "adapter.sealed"
@@ -47,8 +54,14 @@ SIMULATED_TEE = "simulated (no hardware protection)"
 ACCEL_AUDIT = "accelerator_audit.jsonl"
 
 
-def party_config(cfg: RunConfig, num_labels: int | None, total_steps: int) -> dict[str, MetaValue]:
-    """The ``shielded-party`` config (measured: a verifier accepts exactly these settings)."""
+def party_config(
+    cfg: RunConfig, num_labels: int | None, total_steps: int, server_policy: str = ""
+) -> dict[str, MetaValue]:
+    """The ``shielded-party`` config (measured: a verifier accepts exactly these settings).
+
+    ``server_policy``: JSON of the policy the party checks the server's ``fedavg`` enclave
+    against (``shielded-fedavg``); empty for a party that trains alone.
+    """
     t, s = cfg.train, cfg.shielded
     max_len = cfg.data.max_length
     return {
@@ -68,9 +81,11 @@ def party_config(cfg: RunConfig, num_labels: int | None, total_steps: int) -> di
         "field_bits": int(s.field_bits),
         "max_bits": int(s.max_bits),
         "check_rate": float(s.check_rate),
+        "fused": bool(s.fused),
         "pool_size": int(s.pool_size),
         "rows": int(t.batch_size * max_len),
         "allow_export": False,
+        "server_policy": server_policy,
     }
 
 
@@ -284,3 +299,84 @@ def run_shielded(
         run.abort()
         raise
     return final
+
+
+# ---------------------------------------------------------------------- shielded-fedavg client
+class ShieldedTrainer:
+    """A ``shielded-fedavg`` client: its data on its host, its adapter in its own enclave.
+
+    The federated client's :class:`~shieldtune.federated.client_app.Trainer` for Method 1. The
+    global adapter reaches the enclave, and the update leaves it, only over the enclave's own
+    channel to the server enclave (:class:`~shieldtune.federated.mods.PartySealedMod` relays the
+    records): ``fit`` and ``evaluate`` take and return no adapter tensors. Each round trains
+    the same way :class:`~shieldtune.federated.client_app.AdapterTrainer` does (fresh optimiser
+    over the round's steps, the same shuffling seeds), one ``train_step`` ECALL per batch.
+
+    Args:
+        party: The node's running party (enclave + accelerator), closed by the caller.
+        settings: Local training settings (:class:`LocalTraining`).
+        train, test: The client's encoded shares.
+        partition: Its partition id (mixes into the shuffling seeds).
+        refill: ``after-step`` or ``idle`` (when the pool of unmasking factors is topped up).
+    """
+
+    def __init__(
+        self,
+        party: ShieldedSession,
+        settings: Any,
+        train: dict[str, torch.Tensor],
+        test: dict[str, torch.Tensor],
+        partition: int,
+        refill: str = "after-step",
+    ) -> None:
+        self.party, self.s = party, settings
+        self.train, self.test, self.partition, self.refill = train, test, partition, refill
+
+    def _no_clear_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise IntegrityError("a clear global adapter reached the host of a shielded client")
+
+    def fit(
+        self, state: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+        """Local epochs inside the enclave; the update stays there (sealed by the mod)."""
+        from shieldtune.data.tasks import batches
+
+        self._no_clear_adapter(state)
+        rnd = int(config.get("server-round", 1))
+        n = int(self.train["labels"].shape[0])
+        steps = self.s.epochs * -(-n // self.s.batch_size)
+        self.party.call("new_round", {"steps": steps})
+        total, count = 0.0, 0
+        for epoch in range(self.s.epochs):
+            seed = self.s.seed + 7919 * self.partition + 104729 * rnd  # as AdapterTrainer
+            for batch in batches(
+                self.train, self.s.batch_size, shuffle=True, seed=seed, epoch=epoch
+            ):
+                reply = self.party.call("train_step", tensors=batch)
+                if self.refill == "after-step" and self.party.accelerator is not None:
+                    self.party.call("refill")
+                total, count = total + float(reply.meta["loss"]), count + 1  # type: ignore[arg-type]
+        return {}, n, {"train_loss": total / max(count, 1)}
+
+    def evaluate(
+        self, state: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> tuple[int, dict[str, float]]:
+        """Metrics of the global adapter (loaded in the enclave) on this client's test share."""
+        self._no_clear_adapter(state)
+
+        def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.party.call("logits", tensors=_forward_tensors(batch)).tensors["logits"]
+
+        metrics = evaluate(
+            logits, self.test, self.s.task, self.s.eval_batch_size, self.s.num_labels
+        )
+        if self.refill == "idle" and self.party.accelerator is not None:
+            self.party.call("refill")
+        return int(self.test["labels"].shape[0]), metrics
+
+    def save(self, out_dir: Path) -> None:
+        """Seal the adapter this client holds to its enclave (never written in the clear)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.party.call("checkpoint")
+        self.party.enclave.seal(out_dir / SEALED_FILE)

@@ -12,8 +12,10 @@ For frozen map i with per-output-channel integer weights W_int (W ≈ diag σ ·
     backward, secret ∂y (n, out):  h = ∂y · diag σ;  the same with S_c, V_c = S_c · W_int and
         the accelerator computing h̃ · W_int;  ∂x = s' · centre(...)
 
-:class:`ClearFixedPoint` does the same encoding and integer products in the clear (no mask, no
-accelerator): the masked path must equal it bit for bit.
+The encoding and the mask addition are one fused pass, and so are the unmasking and the
+decoding (:mod:`~shieldtune.shielded.kernels`). :class:`ClearFixedPoint` does the same encoding
+and integer products in the clear (no mask, no accelerator): the masked path must equal it bit
+for bit.
 """
 
 from __future__ import annotations
@@ -27,16 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from shieldtune.errors import IntegrityError
-from shieldtune.shielded.field import (
-    Field,
-    QuantizedWeight,
-    decode_rows,
-    encode_rows,
-    from_field,
-    input_bits,
-    sub_mod,
-    to_field,
-)
+from shieldtune.shielded.field import Field, QuantizedWeight, input_bits
+from shieldtune.shielded.kernels import Kernels
 from shieldtune.shielded.pool import BACKWARD, FORWARD, Factor, FactorPool
 
 __all__ = ["LayerPlan", "plan_layers", "OffloadStats", "ClearFixedPoint", "MaskedOffload"]
@@ -79,25 +73,16 @@ def plan_layers(
     return plans
 
 
-def _mask_small(small: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
-    """``(small + mask) mod p`` for ``|small| < p`` and ``mask`` in [0, p): two conditional
-    corrections instead of a division (the same residue as ``add_mod(to_field(small), mask)``)."""
-    out = small + mask  # (n, d) in (-p, 2p)
-    out += p * (out < 0)
-    out -= p * (out >= p)
-    return out
-
-
 @dataclass
 class OffloadStats:
     """Time split and traffic of the offloaded products (seconds, bytes)."""
 
-    encode: float = 0.0  # fixed-point encoding and decoding
-    mask: float = 0.0  # taking a factor and adding the mask
+    encode: float = 0.0  # fixed-point encoding fused with adding the mask
+    mask: float = 0.0  # taking a factor from the pool (made online on a miss)
     transfer: float = 0.0  # shared memory + control round trip, minus the worker's compute
     worker: float = 0.0  # the worker's products (as it reports)
     check: float = 0.0  # Freivalds
-    unmask: float = 0.0  # removing the factor
+    unmask: float = 0.0  # removing the factor fused with decoding
     products: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -113,27 +98,50 @@ class OffloadStats:
 class ClearFixedPoint:
     """The same fixed-point computation as :class:`MaskedOffload`, in the clear (reference).
 
+    The same kernels with a zero mask and a zero factor: encoding, the integer product mod p,
+    centring and decoding, with no accelerator in between.
+
     Args:
         field: The field (products are reduced and centred exactly as in the masked path).
         plans: Encoding per map.
         gemm: An exact backend; prepared weights on the CPU.
+        kernels: The elementwise kernels (default: fused where possible).
     """
 
-    def __init__(self, field: Field, plans: Sequence[LayerPlan], gemm) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        field: Field,
+        plans: Sequence[LayerPlan],
+        gemm,  # noqa: ANN001
+        kernels: Kernels | None = None,
+    ) -> None:
         self.field, self.plans, self.gemm = field, list(plans), gemm
+        self.kernels = kernels or Kernels()
         self.prepared = [gemm.prepare(pl.qw, field, torch.device("cpu")) for pl in self.plans]
 
+    def _product(self, layer: int, op: torch.Tensor, direction: int) -> torch.Tensor:
+        plan, pw, p, k = self.plans[layer], self.prepared[layer], self.field.p, self.kernels
+        pre, bits, post = _encoding(plan, direction)
+        zeros = torch.zeros(op.shape, dtype=torch.int64)
+        sent, s = k.encode_mask(op, pre, zeros, bits, p)  # (n, d) = to_field(op_int)
+        y = self.gemm.forward(pw, sent) if direction == FORWARD else self.gemm.backward(pw, sent)
+        return k.unmask_decode(y, torch.zeros_like(y), s, post, p)  # (n, d_ret) float64
+
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        plan, p = self.plans[layer], self.field.p
-        x_int, s = encode_rows(x, plan.fwd_bits)  # (n, in), (n, 1)
-        y = self.gemm.forward(self.prepared[layer], to_field(x_int, p))  # (n, out) in [0, p)
-        return decode_rows(from_field(y, p), s, plan.qw.scale)  # (n, out) float64
+        return self._product(layer, x, FORWARD)  # (n, out)
 
     def backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        plan, p = self.plans[layer], self.field.p
-        h_int, s = encode_rows(g.double() * plan.qw.scale, plan.bwd_bits)  # (n, out), (n, 1)
-        y = self.gemm.backward(self.prepared[layer], to_field(h_int, p))  # (n, in)
-        return decode_rows(from_field(y, p), s, None)  # (n, in) float64
+        return self._product(layer, g, BACKWARD)  # (n, in)
+
+
+def _encoding(
+    plan: LayerPlan, direction: int
+) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+    """``(pre, bits, post)``: forward x·Wᵀ encodes x and decodes with σ; backward ∂y·W encodes
+    ∂y·diag σ (σ folded in first) and decodes with the row scale only."""
+    if direction == FORWARD:
+        return None, plan.fwd_bits, plan.qw.scale
+    return plan.qw.scale, plan.bwd_bits, None
 
 
 class MaskedOffload:
@@ -147,6 +155,7 @@ class MaskedOffload:
         checks: Freivalds check per map (``check_forward(x, y)`` / ``check_backward(g, y)``).
         check_rate: Share of products checked (1.0: all).
         rng: Decides which products are checked (secret to the enclave).
+        kernels: The elementwise kernels (default: fused where possible).
     """
 
     def __init__(
@@ -158,27 +167,32 @@ class MaskedOffload:
         checks: Sequence,
         check_rate: float = 1.0,
         rng: torch.Generator | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.field, self.plans, self.pool, self.link = field, list(plans), pool, link
         self.checks, self.check_rate = list(checks), check_rate
+        self.kernels = kernels or Kernels()
         self.rng = rng or torch.Generator().manual_seed(secrets.randbits(63))
         self.stats = OffloadStats()
 
     # ------------------------------------------------------------------ the hot path
-    def _masked_product(self, layer: int, op_int: torch.Tensor, direction: int) -> torch.Tensor:
-        """centre(accelerator(op + mask) − factor): the exact integer product of ``op_int``."""
-        p, st = self.field.p, self.stats
+    def _masked_product(self, layer: int, op: torch.Tensor, direction: int) -> torch.Tensor:
+        """The exact fixed-point product of the secret ``op`` (n, d_sent), as float64:
+        decode(centre(accelerator(encode(op) + mask) − factor))."""
+        p, st, k = self.field.p, self.stats, self.kernels
+        pre, bits, post = _encoding(self.plans[layer], direction)
         rows = self.pool.rows
         parts = []
-        for start in range(0, op_int.shape[0], rows):  # a use never exceeds the pool's rows
-            chunk = op_int[start : start + rows]  # (n, d_sent) signed ints
+        for start in range(0, op.shape[0], rows):  # a use never exceeds the pool's rows
+            chunk = op[start : start + rows]  # (n, d_sent) float, secret
             t0 = time.perf_counter()
             fac: Factor = self.pool.take(layer, direction, chunk.shape[0])
-            sent = _mask_small(chunk, fac.mask, p)  # (n, d_sent) uniform in [0, p)
             t1 = time.perf_counter()
+            sent, s = k.encode_mask(chunk, pre, fac.mask, bits, p)  # (n, d_sent) uniform in [0, p)
+            t2 = time.perf_counter()
             worker0 = self.link.seconds_worker
             got = self.link.product(layer, sent, direction == BACKWARD)  # (n, d_ret) untrusted
-            t2 = time.perf_counter()
+            t3 = time.perf_counter()
             if self._should_check():
                 check = self.checks[layer]
                 ok = (check.check_backward if direction == BACKWARD else check.check_forward)(
@@ -191,15 +205,16 @@ class MaskedOffload:
                         f"({'backward' if direction == BACKWARD else 'forward'}): the "
                         "accelerator returned a wrong product; the step is aborted"
                     )
-            t3 = time.perf_counter()
-            parts.append(from_field(sub_mod(got, fac.factor, p), p))  # (n, d_ret) exact ints
             t4 = time.perf_counter()
+            parts.append(k.unmask_decode(got, fac.factor, s, post, p))  # (n, d_ret) float64
+            t5 = time.perf_counter()
             worker = self.link.seconds_worker - worker0
             st.mask += t1 - t0
+            st.encode += t2 - t1
             st.worker += worker
-            st.transfer += (t2 - t1) - worker
-            st.check += t3 - t2
-            st.unmask += t4 - t3
+            st.transfer += (t3 - t2) - worker
+            st.check += t4 - t3
+            st.unmask += t5 - t4
             st.products += 1
             st.bytes_sent += sent.numel() * sent.element_size()
             st.bytes_received += got.numel() * got.element_size()
@@ -211,28 +226,12 @@ class MaskedOffload:
         return bool(torch.rand((), generator=self.rng) < self.check_rate)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """y ≈ x · Wᵀ for secret x (n, in): exact in fixed point."""
-        plan = self.plans[layer]
-        t0 = time.perf_counter()
-        x_int, s = encode_rows(x.detach(), plan.fwd_bits)  # (n, in) int64, (n, 1)
-        self.stats.encode += time.perf_counter() - t0
-        y_int = self._masked_product(layer, x_int, FORWARD)  # (n, out) = x_int · W_intᵀ
-        t0 = time.perf_counter()
-        y = decode_rows(y_int, s, plan.qw.scale)  # (n, out) float64
-        self.stats.encode += time.perf_counter() - t0
-        return y
+        """y ≈ x · Wᵀ for secret x (n, in): exact in fixed point; (n, out) float64."""
+        return self._masked_product(layer, x, FORWARD)
 
     def backward(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        """∂x ≈ ∂y · W for secret ∂y (n, out)."""
-        plan = self.plans[layer]
-        t0 = time.perf_counter()
-        h_int, s = encode_rows(g.detach().double() * plan.qw.scale, plan.bwd_bits)  # (n, out)
-        self.stats.encode += time.perf_counter() - t0
-        gx_int = self._masked_product(layer, h_int, BACKWARD)  # (n, in) = h_int · W_int
-        t0 = time.perf_counter()
-        gx = decode_rows(gx_int, s, None)  # (n, in) float64
-        self.stats.encode += time.perf_counter() - t0
-        return gx
+        """∂x ≈ ∂y · W for secret ∂y (n, out): (n, in) float64."""
+        return self._masked_product(layer, g, BACKWARD)
 
 
 def default_field_bits(qws: Sequence[QuantizedWeight], headroom_bits: int = 53) -> int:

@@ -5,7 +5,13 @@ the offload's encoding::
 
     model, task, num_labels, adapter (JSON), lr, weight_decay, grad_clip, schedule,
     warmup_ratio, seed, total_steps, offload, w_bits, field_bits, max_bits, check_rate,
-    pool_size, rows, allow_export
+    fused, pool_size, rows, allow_export, server_policy
+
+``server_policy`` (JSON of a :class:`~shieldtune.tee.attestation.Policy`, empty when the party
+trains alone) is whom the party federates with (``shielded-fedavg``): its own end of the
+channel to the server's ``fedavg`` enclave runs in here (:mod:`~shieldtune.tee.endpoint`,
+ECALLs ``fed_hello``, ``fed_connect``, ``fed_open``, ``fed_seal``), so its update leaves and the
+global adapter arrives only encrypted between the two enclaves; its host relays ciphertext.
 
 Inside: the whole model with every frozen linear map swapped for an
 :class:`~shieldtune.shielded.linear.OffloadedLinear` (``offload: true``), so embeddings, norms,
@@ -32,8 +38,8 @@ from typing import Any
 import torch
 
 from shieldtune.adapters import ADAPTERS, parse_config
-from shieldtune.crypto.framing import Frame, MetaValue
-from shieldtune.errors import ConfigError, EnclaveError
+from shieldtune.crypto.framing import Frame, MetaValue, bytes_to_tensor, tensor_to_bytes
+from shieldtune.errors import ChannelError, ConfigError, EnclaveError, IntegrityError
 from shieldtune.models import full_slice, load_model
 from shieldtune.shielded.engine import (
     ClearFixedPoint,
@@ -44,10 +50,13 @@ from shieldtune.shielded.engine import (
 from shieldtune.shielded.field import Field, largest_prime_below, quantize_weight
 from shieldtune.shielded.freivalds import FreivaldsCheck
 from shieldtune.shielded.gemm import probe_cached, resolve_backend
+from shieldtune.shielded.kernels import Kernels
 from shieldtune.shielded.linear import frozen_linears, offload_linears
 from shieldtune.shielded.masks import MaskPRF
 from shieldtune.shielded.pool import BACKWARD, FORWARD, Factor, FactorPool
 from shieldtune.shielded.worker import AcceleratorLink, weight_digest
+from shieldtune.tee import endpoint
+from shieldtune.tee.attestation import Policy, Verifier
 from shieldtune.tee.program import EnclaveContext, EnclaveProgram
 from shieldtune.training.losses import task_loss
 from shieldtune.training.rng import CLIENT_STREAM, RngStream
@@ -74,6 +83,7 @@ class ShieldedParty:
         field_bits: Bits of the prime p (0: the largest for which one float64 GEMM is exact).
         max_bits: Cap on the encoded operands' bits (0: as many as the field allows).
         check_rate: Share of products Freivalds-checked.
+        fused: Fuse the elementwise passes (:class:`~shieldtune.shielded.kernels.Kernels`).
         pool_size: Ready factors per stream.
         rows: Rows per factor (B·T of a training batch).
         clear_reference: Compute the fixed-point products in the clear here (tests only).
@@ -98,6 +108,7 @@ class ShieldedParty:
         pool_size: int,
         rows: int,
         clear_reference: bool = False,
+        fused: bool = True,
     ) -> None:
         # the local recipe's order: seed, model, adapter (its init draws here), optimiser
         random.seed(seed)
@@ -110,6 +121,7 @@ class ShieldedParty:
         self.adapter = entry.attach(
             self.whole, loaded.model, parse_config(entry.config_cls, options, "adapter")
         )
+        self.lr, self.train_cfg = lr, train
         self.optim = make_optim(self.adapter.trainable_parameters(), lr, train, total_steps)
         self.rng = RngStream(seed + CLIENT_STREAM)  # the party's own dropout stream
         self.steps = 0
@@ -132,8 +144,9 @@ class ShieldedParty:
         self.gemm = resolve_backend(None, probe)  # the enclave's own products (the factors)
         self.prepared = [self.gemm.prepare(qw, self.field, cpu) for qw in self.qws]
         self.checks = [FreivaldsCheck(qw, self.field) for qw in self.qws]
+        self.kernels = Kernels(fused)
         if clear_reference:
-            self.engine = ClearFixedPoint(self.field, self.plans, self.gemm)
+            self.engine = ClearFixedPoint(self.field, self.plans, self.gemm, self.kernels)
         offload_linears(self.whole, self._proxy(), loaded.model)
         self.info.update(
             {
@@ -199,7 +212,13 @@ class ShieldedParty:
         streams = [(i, d) for i in range(len(self.plans)) for d in (FORWARD, BACKWARD)]
         self.pool = FactorPool(self._make_factor, streams, self.rows, self.pool_size)
         self.engine = MaskedOffload(
-            self.field, self.plans, self.pool, link, self.checks, self.check_rate
+            self.field,
+            self.plans,
+            self.pool,
+            link,
+            self.checks,
+            self.check_rate,
+            kernels=self.kernels,
         )
         made = self.pool.fill()
         return {**{f"accelerator_{k}": v for k, v in reply.items()}, "pool_made": made}
@@ -237,6 +256,7 @@ class ShieldedParty:
         """Time split, traffic, pool and memory figures."""
         out: dict[str, MetaValue] = {"steps": self.steps, "peak_rss_bytes": _peak_rss_bytes()}
         if isinstance(self.engine, MaskedOffload):
+            out["fused_kernels"] = self.kernels.fused
             out.update({f"offload_{k}": v for k, v in self.engine.stats.as_dict().items()})
             ps = self.pool.stats
             out.update(
@@ -253,6 +273,29 @@ class ShieldedParty:
         return out
 
     # ------------------------------------------------------------------ state
+    def new_optimizer(self, total_steps: int) -> None:
+        """A fresh optimiser and schedule over ``total_steps`` (a federated round's training)."""
+        self.optim = make_optim(
+            self.adapter.trainable_parameters(), self.lr, self.train_cfg, total_steps
+        )
+
+    def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the adapter's tensors (a global adapter); refuse anything that does not fit.
+
+        Raises:
+            IntegrityError: Other names or shapes, or a non-finite value (nothing is loaded).
+        """
+        expected = self.adapter.state_dict()
+        if set(tensors) != set(expected) or any(
+            tensors[k].shape != v.shape or tensors[k].dtype != v.dtype for k, v in expected.items()
+        ):
+            raise IntegrityError("adapter refused: its tensors do not match this party's adapter")
+        if not all(
+            bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()
+        ):
+            raise IntegrityError("adapter refused: it holds non-finite values")
+        self.adapter.load_state_dict(dict(tensors))
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Adapter tensors, AdamW moments and the step count (what is sealed)."""
         out = {f"{_ADAPTER}{k}": v for k, v in self.adapter.state_dict().items()}
@@ -301,6 +344,7 @@ def _build(config: dict[str, MetaValue]) -> ShieldedParty:
             pool_size=int(config["pool_size"]),  # type: ignore[arg-type]
             rows=int(config["rows"]),  # type: ignore[arg-type]
             clear_reference=bool(config.get("clear_reference", False)),
+            fused=bool(config.get("fused", True)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"shielded-party config is incomplete or invalid: {err!r}") from None
@@ -400,12 +444,7 @@ def export_adapter(ctx: EnclaveContext, request: Frame) -> Frame:
 def load_adapter(ctx: EnclaveContext, request: Frame) -> Frame:
     """Replace the adapter's tensors (a global adapter from the federation)."""
     party = _party()
-    expected = party.adapter.state_dict()
-    if set(request.tensors) != set(expected) or any(
-        request.tensors[k].shape != v.shape for k, v in expected.items()
-    ):
-        raise EnclaveError("load_adapter refused: tensors do not match this adapter")
-    party.adapter.load_state_dict(dict(request.tensors))
+    party.load_adapter(dict(request.tensors))
     return Frame(meta={"steps": party.steps})
 
 
@@ -418,3 +457,79 @@ def checkpoint(ctx: EnclaveContext, request: Frame) -> Frame:
     for key, value in party.state_tensors().items():
         ctx.state[key] = value
     return Frame(meta={"steps": party.steps, "tensors": len(ctx.state)})
+
+
+# ---------------------------------------------------------------------- federation (ECALLs)
+_FED: dict[str, Any] = {}  # the pending hello / the session with the server enclave (memory only)
+
+
+def _records(records: list[bytes]) -> Frame:
+    return Frame(tensors={f"record.{i}": bytes_to_tensor(r) for i, r in enumerate(records)})
+
+
+def _fed_session() -> endpoint.ClientSession:
+    session = _FED.get("session")
+    if session is None:
+        raise ChannelError("no channel session with the server enclave (handshake first)")
+    return session
+
+
+@PROGRAM.ecall("fed_hello")
+def fed_hello(ctx: EnclaveContext, request: Frame) -> Frame:
+    """Start a handshake with the server enclave (drops any earlier session)."""
+    if not ctx.config.get("server_policy"):
+        raise EnclaveError("fed_hello refused: the measured config names no server_policy")
+    _FED.clear()
+    pending = endpoint.start()
+    _FED["pending"] = pending
+    return Frame(tensors={"hello": bytes_to_tensor(pending.hello.to_bytes())})
+
+
+@PROGRAM.ecall("fed_connect")
+def fed_connect(ctx: EnclaveContext, request: Frame) -> Frame:
+    """Verify the server enclave against the measured policy; then the first sealed fetch."""
+    pending = _FED.pop("pending", None)
+    if pending is None:
+        raise ChannelError("connect without a hello: the server must start the handshake")
+    policy = Policy.model_validate_json(str(ctx.config["server_policy"]))
+    raw = tensor_to_bytes(request.tensors["server_hello"])
+    session = endpoint.connect(pending, raw, Verifier(policy))
+    _FED["session"] = session
+    ctx.log.info("federation: verified the server enclave; session %s", session.client_id)
+    return _records(session.reply(None))
+
+
+@PROGRAM.ecall("fed_open")
+def fed_open(ctx: EnclaveContext, request: Frame) -> Frame:
+    """Open a round's records from the server enclave; load the global adapter if it has one."""
+    session = _fed_session()
+    records = [tensor_to_bytes(request.tensors[f"record.{i}"]) for i in range(len(request.tensors))]
+    try:
+        glob, refused = session.open_round(records)
+        if glob is None:
+            raise IntegrityError("the round carries no global adapter from the server enclave")
+        if glob:  # empty before the first aggregation: keep the shared seeded initialisation
+            _party().load_adapter(glob)
+    except BaseException:
+        _FED.pop("session", None)  # a refused record closes the session: handshake again
+        raise
+    listed: list[MetaValue] = list(refused)
+    return Frame(meta={"round": session.global_round, "refused": listed})  # type: ignore[dict-item]
+
+
+@PROGRAM.ecall("fed_seal")
+def fed_seal(ctx: EnclaveContext, request: Frame) -> Frame:
+    """Seal this party's adapter as its update (``submit``) if asked, then a ``fetch``."""
+    session = _fed_session()
+    update = _party().adapter.state_dict() if request.meta.get("submit") else None
+    return _records(session.reply(update, request.meta_float("num_examples")))
+
+
+@PROGRAM.ecall("new_round")
+def new_round(ctx: EnclaveContext, request: Frame) -> Frame:
+    """A fresh optimiser for a federated round of ``steps`` local steps."""
+    steps = request.meta_int("steps")
+    if steps <= 0:
+        raise ConfigError(f"new_round: steps must be positive, got {steps}")
+    _party().new_optimizer(steps)
+    return Frame(meta={"steps": steps})
