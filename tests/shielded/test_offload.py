@@ -138,3 +138,31 @@ def test_no_check_no_detection_shows_the_check_is_what_catches_it(worker) -> Non
     party.attach(accel.socket_path, "cpu", "auto")
     party.train_step(_batch(0))  # no error: the check is the only defence against a liar
     assert party.engine.stats.checks_failed == 0
+
+
+def test_masked_equals_clear_on_the_real_llm_shortened(worker) -> None:
+    """SmolLM2 (its first 2 layers, real weights): the tied 49,152-wide LM head needs a larger
+    prime than one float64 GEMM allows; the step is still exact against clear fixed point."""
+    import importlib.util
+
+    from shieldtune.models import smollm2
+
+    if importlib.util.find_spec(smollm2.MODULE) is None:
+        pytest.skip(f"{smollm2.DISTRIBUTION} is not installed (`{smollm2.INSTALL_COMMAND}`)")
+    folder = str(smollm2.smollm2_folder(num_layers=2))
+    opts = {"model": folder, "task": "causal-lm", "rows": 32}
+    clear, masked = make_party(clear_reference=True, **opts), make_party(**opts)
+    masked.attach(worker().socket_path, "cpu", "auto")
+    assert masked.field.bits > 53 - 27  # more than one float64 GEMM's prime: limbs
+    head = max(range(len(masked.plans)), key=lambda i: masked.plans[i].qw.col_l1)
+    assert masked.plans[head].shape[0] == 49152 and masked.plans[head].bwd_bits >= 8
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(32, 576, generator=gen), torch.randn(32, 49152, generator=gen)
+    assert torch.equal(masked.engine.forward(head, x), clear.engine.forward(head, x))
+    assert torch.equal(masked.engine.backward(head, g), clear.engine.backward(head, g))
+    ids = torch.randint(10, 2000, (2, 16), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    loss = masked.train_step(batch)
+    assert loss == clear.train_step(batch) and loss == loss  # finite and identical
+    for key, value in _adapter(clear).items():
+        assert torch.equal(_adapter(masked)[key], value), key

@@ -175,8 +175,11 @@ def _passive_threads(on: bool) -> Iterator[None]:
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-def _forward_tensors(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
+def _forward_tensors(
+    batch: dict[str, torch.Tensor], labels: bool = False
+) -> dict[str, torch.Tensor]:
+    """What the enclave needs of a batch (not, e.g., the host's own answer-scoring fields)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids", *(("labels",) if labels else ()))
     return {k: batch[k] for k in keys if batch.get(k) is not None}
 
 
@@ -234,7 +237,7 @@ def run_shielded(
         ) as party:
 
             def step(batch: dict[str, torch.Tensor]) -> float:
-                reply = party.call("train_step", tensors=batch)
+                reply = party.call("train_step", tensors=_forward_tensors(batch, labels=True))
                 if s.offload and s.refill == "after-step":
                     party.call("refill")  # offline work, timed by the enclave apart
                 return float(reply.meta["loss"])  # type: ignore[arg-type]
@@ -353,7 +356,7 @@ class ShieldedTrainer:
             for batch in batches(
                 self.train, self.s.batch_size, shuffle=True, seed=seed, epoch=epoch
             ):
-                reply = self.party.call("train_step", tensors=batch)
+                reply = self.party.call("train_step", tensors=_forward_tensors(batch, labels=True))
                 if self.refill == "after-step" and self.party.accelerator is not None:
                     self.party.call("refill")
                 total, count = total + float(reply.meta["loss"]), count + 1  # type: ignore[arg-type]

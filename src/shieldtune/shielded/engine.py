@@ -234,10 +234,19 @@ class MaskedOffload:
         return self._masked_product(layer, g, BACKWARD)
 
 
-def default_field_bits(qws: Sequence[QuantizedWeight], headroom_bits: int = 53) -> int:
-    """Bits of the largest prime for which one float64 GEMM stays exact on these weights.
+def default_field_bits(
+    qws: Sequence[QuantizedWeight], headroom_bits: int = 53, min_operand_bits: int = 8
+) -> int:
+    """Bits of the prime: the largest for which one float64 GEMM stays exact on these weights,
+    unless that leaves some map fewer than ``min_operand_bits`` bits for its operands; then the
+    smallest that gives every map that many (its products need limbs: slower, still exact).
 
-    Every partial sum of ``x̃ · W_int`` is below ``p · l1``; it must stay below ``2^53``.
+    Every partial sum of ``x̃ · W_int`` is below ``p · l1``; one GEMM needs it below ``2^53``.
+    A map with L1 bound ``l1`` gets ``b`` operand bits when ``(2^b − 1) · l1 <= (p − 1) / 2``.
+    (SmolLM2's tied LM head, 49,152 wide, has ``l1 ≈ 2^27`` with 12-bit weights: one GEMM
+    would leave its gradient no bit at all.)
     """
-    l1 = max(max(qw.row_l1, qw.col_l1) for qw in qws)
-    return int(headroom_bits - math.ceil(math.log2(l1 + 1)))
+    l1_bits = math.ceil(math.log2(max(max(qw.row_l1, qw.col_l1) for qw in qws) + 1))
+    single = headroom_bits - l1_bits
+    needed = l1_bits + 1 + min_operand_bits
+    return single if single >= needed else min(needed, 61)
