@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _shielded import make_party
@@ -166,3 +168,39 @@ def test_masked_equals_clear_on_the_real_llm_shortened(worker) -> None:
     assert loss == clear.train_step(batch) and loss == loss  # finite and identical
     for key, value in _adapter(clear).items():
         assert torch.equal(_adapter(masked)[key], value), key
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def test_a_worker_never_outlives_its_host(tmp_path) -> None:
+    """A host killed without cleanup (SIGKILL) leaves no accelerator worker behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time\n"
+        "from shieldtune.shielded.worker import AcceleratorProcess\n"
+        "a = AcceleratorProcess().start()\n"
+        "print(a.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(host.stdout.readline())  # type: ignore[union-attr]
+        assert _alive(worker_pid)
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+        deadline = time.monotonic() + 20
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker_pid)
+    finally:
+        host.kill()

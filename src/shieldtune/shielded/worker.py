@@ -203,15 +203,25 @@ def serve(
     tamper: str = "none",
     tamper_after: int = 0,
 ) -> None:
-    """Accept enclave connections on ``sock_path`` and answer them until killed."""
+    """Accept enclave connections on ``sock_path`` and answer them until killed, or until the
+    host that started this worker is gone (never outlive it: it owns the socket and memory)."""
     worker = _Worker(
         shm_dir, AuditLog(audit) if audit else None, capture, limit, tamper, tamper_after
     )
+    host = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(sock_path))
     server.listen(1)
+    server.settimeout(1.0)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != host:  # the host died (we were re-parented): stop
+                log.warning("accelerator: the host process is gone; exiting")
+                return
+            continue
+        conn.settimeout(None)
         with conn, conn.makefile("rwb", buffering=0) as f:
             while True:
                 try:
