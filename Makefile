@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast style bench clean
+.PHONY: demo test test-fast style bench report-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,16 @@ style: $(EXTRA_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_plain_modes.py
+
+# Chromium for benchmarks/render_report.py (screenshots of `shieldtune report`). Not part of
+# `make test`: the render test skips when Chromium is absent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+report-deps:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then \
+		echo "chromium: $$(command -v chromium || echo /usr/bin/chromium)"; \
+	else \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y chromium; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -48,3 +48,11 @@ def attestation_dir() -> Path:
 def keyword_table(tmp_path_factory) -> Path:
     """A learnable two-class table (96 rows), shared by the recipe tests."""
     return write_keyword_table(tmp_path_factory.mktemp("data") / "kw.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory, keyword_table):
+    """The 2-row × 2-seed tiny-llama experiment of ``_experiment.py``, run once (CLI)."""
+    from _experiment import run_tiny_experiment
+
+    return run_tiny_experiment(tmp_path_factory.mktemp("experiment"), keyword_table)

@@ -9,7 +9,11 @@ import pytest
 from shieldtune.config import RunConfig, apply_overrides, load_config, to_yaml
 from shieldtune.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# run configs; configs/experiments/ holds experiment grids (loaded by tests/experiments/)
+CONFIGS = sorted(
+    p for p in _CONFIG_DIR.rglob("*.yaml") if p.relative_to(_CONFIG_DIR).parts[0] != "experiments"
+)
 
 
 def test_defaults_and_round_trip(tmp_path):

@@ -35,6 +35,21 @@ FORBIDDEN = {
     "federated": {"recipes", "cli", "split", "transport"},
     "attacks": {"recipes", "cli", "report"},
     "shielded": {"recipes", "cli", "report", "split", "federated", "transport"},
+    # experiments run the recipes and write tables through report.tables; only the CLI is above
+    "experiments": {"cli"},
+    # the report reads the files runs, experiments and attacks write, never their code
+    "report": {
+        "recipes",
+        "cli",
+        "experiments",
+        "attacks",
+        "training",
+        "federated",
+        "split",
+        "shielded",
+        "transport",
+        "tee",
+    },
 }
 # nothing below the attacks imports them (they read what the modes expose, never the reverse)
 for _lower in (
@@ -51,6 +66,9 @@ for _lower in (
     "federated",
 ):
     FORBIDDEN[_lower] = FORBIDDEN[_lower] | {"attacks"}
+# nothing but the CLI imports the experiment runner (it sits on top of the recipes)
+for _layer in set(FORBIDDEN) - {"experiments"}:
+    FORBIDDEN[_layer] = FORBIDDEN[_layer] | {"experiments"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -48,6 +48,42 @@ def train(
     _exit(guarded(lambda: train_command(config, set_ or [], resume)))
 
 
+from shieldtune.cli.experiment import EPILOG as _EXPERIMENT_EPILOG  # noqa: E402
+from shieldtune.cli.report import EPILOG as _REPORT_EPILOG  # noqa: E402
+
+
+@app.command(epilog=_EXPERIMENT_EPILOG)
+def experiment(
+    config: Annotated[
+        Path, typer.Argument(help="YAML experiment config (datasets × rows × seeds)")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="override every cell's run config: key.path=value"),
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="experiment folder (default: the config's output_dir)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells; run none")] = False,
+) -> None:
+    """Run a grid of datasets × rows × seeds through the recipes; write one results table
+    (results.csv, results.json, results.md). Running it again resumes."""
+    from shieldtune.cli.experiment import experiment_command
+
+    _exit(guarded(lambda: experiment_command(config, set_ or [], output_dir, dry_run)))
+
+
+@app.command(epilog=_REPORT_EPILOG)
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="experiment folder (holds results.json)")],
+) -> None:
+    """Write report.html (self-contained) and report.md into an experiment folder: tables,
+    training curves, leakage by cut layer, overhead ratios, provenance."""
+    from shieldtune.cli.report import report_command
+
+    _exit(guarded(lambda: report_command(run_dir)))
+
+
 @app.command(epilog="Example:\n\n  shieldtune demo --epochs 1")
 def demo(
     output_dir: Annotated[str, typer.Option(help="parent folder of run folders")] = "runs",

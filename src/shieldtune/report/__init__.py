@@ -1,5 +1,6 @@
-"""Reports: plots and human-readable summaries of run folders."""
+"""Reports: plots and human-readable summaries of run folders and experiment folders."""
 
+from shieldtune.report.experiment import write_report
 from shieldtune.report.plots import plot_metrics
 
-__all__ = ["plot_metrics"]
+__all__ = ["plot_metrics", "write_report"]

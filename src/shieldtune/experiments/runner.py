@@ -1,0 +1,183 @@
+"""Run an experiment's grid: every cell through its mode's recipe, one results table.
+
+Each cell runs through ``shieldtune.recipes.RECIPES[mode]``, the code ``shieldtune train`` runs,
+and writes its run folder under ``<output_dir>/runs/<cell>``. The experiment folder holds:
+
+- ``experiment.yaml``: the experiment config, its base run config read in;
+- ``provenance.json``: machine, Python, package versions, seeds, data attribution, one entry
+  per invocation;
+- ``cells/<cell>.json``: each cell's record (``cells/<cell>.traceback.txt`` for a failed one);
+- ``results.json`` / ``results.csv`` / ``results.md``: the table, rewritten after every cell,
+  so an interrupted experiment leaves a table of what it finished (the rest ``pending``).
+
+A failed cell is recorded with its error and the grid goes on. Running the same experiment
+again resumes it: a cell whose run folder completed (it has ``summary.json``; the recipes write
+a run folder under a ``.partial-`` name and rename it only when the run completes) is read, not
+run again, provided it ran the same config; failed and missing cells run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shieldtune.errors import ConfigError
+from shieldtune.experiments.config import Cell, ExperimentPlan
+from shieldtune.experiments.provenance import PROVENANCE_JSON, provenance
+from shieldtune.experiments.results import (
+    Record,
+    failed_record,
+    ok_record,
+    pending_record,
+    write_results,
+)
+
+__all__ = ["EXPERIMENT_YAML", "CELLS_DIR", "Progress", "run_experiment", "check_resumable"]
+
+EXPERIMENT_YAML = "experiment.yaml"
+CELLS_DIR = "cells"
+
+Progress = Callable[[Cell], AbstractContextManager[Callable[[dict[str, Any]], None] | None]]
+"""Gives each cell a context whose value is the recipe's ``on_progress`` callback (or None)."""
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared values out in full (no ``&id001`` anchors)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+@contextmanager
+def _no_progress(cell: Cell) -> Iterator[None]:
+    yield None
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two config mappings differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_resumable(plan: ExperimentPlan) -> None:
+    """Refuse to resume over completed cells that ran another config.
+
+    Raises:
+        ConfigError: One line per such cell, naming the fields that differ.
+    """
+    problems = []
+    for cell in plan.cells:
+        saved = cell.run_dir / "config.yaml"
+        if not (cell.run_dir / "summary.json").is_file() or not saved.is_file():
+            continue
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = cell.config.model_dump(mode="json")
+        for key in ("output_dir", "run_name"):  # where the folder is, not what it ran
+            before.pop(key, None)
+            now.pop(key, None)
+        diff = _differences(before, now)
+        if diff:
+            problems.append(
+                f"cell {cell.name}: its completed run folder {cell.run_dir} ran another config "
+                f"(differs in {', '.join(diff)}); delete that folder or use another output_dir"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _earlier_wall(out: Path, cell: Cell) -> float | None:
+    try:
+        return json.loads((out / CELLS_DIR / f"{cell.name}.json").read_text()).get("wall_s")
+    except (OSError, ValueError):
+        return None
+
+
+def _run_cell(cell: Cell, out: Path, progress: Progress) -> Record:
+    """One cell: read it if its run folder completed earlier, else run its recipe."""
+    from shieldtune.recipes import RECIPES
+
+    done = cell.run_dir / "summary.json"
+    if done.is_file():
+        return ok_record(cell, json.loads(done.read_text()), _earlier_wall(out, cell), True)
+    started = time.perf_counter()
+    try:
+        with progress(cell) as update:
+            run_dir = RECIPES[cell.config.mode](cell.config, on_progress=update)
+    except Exception as err:  # the grid goes on; the record keeps the error
+        record = failed_record(cell, err, time.perf_counter() - started)
+        trace = "".join(traceback.format_exception(err))
+        (out / CELLS_DIR / f"{cell.name}.traceback.txt").write_text(trace)
+    else:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        record = ok_record(cell, summary, time.perf_counter() - started, False)
+    (out / CELLS_DIR / f"{cell.name}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _save_invocation(out: Path, entry: dict[str, Any], *, new: bool) -> None:
+    """Record this invocation in ``provenance.json`` (earlier invocations kept)."""
+    file = out / PROVENANCE_JSON
+    try:
+        invocations = json.loads(file.read_text())["invocations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        invocations, new = [], True
+    if new:
+        invocations.append(entry)
+    else:
+        invocations[-1] = entry
+    file.write_text(json.dumps({"invocations": invocations}, indent=1))
+
+
+def run_experiment(
+    plan: ExperimentPlan,
+    *,
+    progress: Progress | None = None,
+    on_record: Callable[[int, Record], None] | None = None,
+    argv: list[str] | None = None,
+) -> list[Record]:
+    """Run (or resume) every cell of an experiment and write its results table.
+
+    Args:
+        plan: The validated experiment (:func:`~shieldtune.experiments.load_experiment`).
+        progress: Gives each cell its progress callback (e.g. a progress bar).
+        on_record: Called with ``(index, record)`` after each cell.
+        argv: The command line, recorded in ``provenance.json`` (default: ``sys.argv``).
+
+    Returns:
+        One record per cell, ``status`` ``ok`` or ``failed``, in the plan's order.
+
+    Raises:
+        ConfigError: A completed cell ran another config (nothing is run then).
+        KeyboardInterrupt: Stops the grid; the table written so far stays, the interrupted
+            cell's folder stays ``.partial-*``, and running again resumes.
+    """
+    check_resumable(plan)
+    out = plan.output_dir
+    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / EXPERIMENT_YAML).write_text(
+        yaml.dump(plan.resolved(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
+    )
+    entry = {**provenance(plan, argv), "ran": []}
+    _save_invocation(out, entry, new=True)
+    records = [pending_record(c) for c in plan.cells]
+    write_results(plan, records)
+    for i, cell in enumerate(plan.cells):
+        records[i] = _run_cell(cell, out, progress or _no_progress)
+        if not records[i]["reused"]:
+            entry["ran"].append(cell.name)
+            _save_invocation(out, entry, new=False)
+        write_results(plan, records)
+        if on_record is not None:
+            on_record(i, records[i])
+    return records

@@ -1,0 +1,147 @@
+"""The experiment runner on tiny-llama: one table with the right statistics, failures recorded,
+interrupted experiments resumed (completed cells are not run again)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+
+import pytest
+from _experiment import ROWS, experiment_data, run_cli, write_experiment
+
+from shieldtune.errors import ExitCode
+from shieldtune.experiments import load_experiment, run_experiment
+from shieldtune.recipes import RECIPES
+from shieldtune.report.tables import fmt_stat
+
+METRICS = ("accuracy", "macro_f1", "train_time_s")
+
+
+def _results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def _copy(tiny_experiment, tmp_path, table, rows=None):
+    """The finished tiny experiment copied to a new folder, with its config pointed there."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_experiment.folder, out)
+    data = experiment_data(table, out, rows=rows)
+    return write_experiment(tmp_path / "experiment.yaml", data), out
+
+
+def test_grid_runs_end_to_end_and_writes_one_table(tiny_experiment):
+    assert tiny_experiment.exit_code == 0, tiny_experiment.output
+    folder = tiny_experiment.folder
+    results = _results(folder)
+    assert results["status"] == {"cells": 4, "ok": 4, "failed": 0, "pending": 0}
+    for summary in results["summary"]:
+        cells = [
+            c
+            for c in results["cells"]
+            if (c["dataset"], c["row"]) == (summary["dataset"], summary["row"])
+        ]
+        assert [c["seed"] for c in cells] == [0, 1]
+        runs = [json.loads((folder / c["run_dir"] / "summary.json").read_text()) for c in cells]
+        for key in METRICS:  # mean ± sample std of the per-cell summaries
+            values = [r[key] for r in runs]
+            assert summary[key]["mean"] == pytest.approx(statistics.fmean(values))
+            assert summary[key]["std"] == pytest.approx(statistics.stdev(values))
+        walls = [
+            json.loads((folder / "cells" / f"{c['name']}.json").read_text())["wall_s"]
+            for c in cells
+        ]
+        assert summary["wall_s"]["mean"] == pytest.approx(statistics.fmean(walls))
+        assert summary["bytes_sent"]["n"] == 0  # local and plain-split send nothing
+    local, split = results["summary"]
+    (comparison,) = results["comparisons"]
+    assert comparison["row"] == "plain-split LoRA" and comparison["baseline"] == "local LoRA"
+    assert comparison["accuracy_delta_points"] == pytest.approx(
+        100 * (split["accuracy"]["mean"] - local["accuracy"]["mean"])
+    )
+    assert comparison["train_time_ratio"] == pytest.approx(
+        split["train_time_s"]["mean"] / local["train_time_s"]["mean"]
+    )
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert [r["kind"] for r in rows] == ["summary"] * 2 + ["cell"] * 4
+    assert float(rows[0]["accuracy"]) == pytest.approx(local["accuracy"]["mean"])
+    assert float(rows[0]["accuracy_std"]) == pytest.approx(local["accuracy"]["std"])
+    md = (folder / "results.md").read_text()
+    for s in results["summary"]:
+        assert f"| {s['row']} |" in md and fmt_stat("accuracy", s["accuracy"]) in md
+    for name in ("experiment.yaml", "provenance.json"):
+        assert (folder / name).is_file()
+
+
+def test_failed_cell_is_recorded_and_the_grid_goes_on(tiny_experiment, tmp_path, keyword_table):
+    broken = {"name": "broken", "overrides": {"mode": "local", "data.path": "/no/such.csv"}}
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table, rows=[broken, *ROWS])
+    shutil.rmtree(out / "runs" / "kw__local-lora__seed1")  # runs after the failures
+    result = run_cli("experiment", str(config))
+    assert result.exit_code == ExitCode.DATA  # the first failed cell's error
+    assert "2 of 6 cells failed" in result.output
+    cells = {(c["row"], c["seed"]): c for c in _results(out)["cells"]}
+    for seed in (0, 1):
+        assert cells["broken", seed]["status"] == "failed"
+        assert "/no/such.csv" in cells["broken", seed]["error"]
+        name = cells["broken", seed]["name"]
+        assert "Traceback" in (out / "cells" / f"{name}.traceback.txt").read_text()
+    ran = cells["local LoRA", 1]
+    assert ran["status"] == "ok" and not ran["reused"]
+    assert (out / "runs" / "kw__local-lora__seed1" / "summary.json").is_file()
+    assert all(
+        cells[r["name"], s]["reused"]
+        for r in ROWS
+        for s in (0, 1)
+        if (r["name"], s) != ("local LoRA", 1)
+    )
+    summary = {s["row"]: s for s in _results(out)["summary"]}
+    assert (summary["broken"]["n_ok"], summary["broken"]["n_failed"]) == (0, 2)
+    assert "failed" in (out / "results.md").read_text()
+
+
+def test_interrupted_experiment_resumes_without_rerunning_completed_cells(
+    tiny_experiment, tmp_path, keyword_table, monkeypatch
+):
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table)
+    missing = "kw__plain-split-lora__seed1"
+    shutil.rmtree(out / "runs" / missing)
+    real = RECIPES["plain-split"]
+
+    def interrupted(cfg, on_progress=None):
+        def stop(info):
+            raise KeyboardInterrupt
+
+        return real(cfg, on_progress=stop)
+
+    monkeypatch.setitem(RECIPES, "plain-split", interrupted)
+    plan = load_experiment(config)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(plan)
+    status = {c["name"]: c["status"] for c in _results(out)["cells"]}
+    assert status.pop(missing) == "pending" and set(status.values()) == {"ok"}
+    assert (out / "runs" / f".partial-{missing}").is_dir()  # never looks complete
+
+    calls = []
+
+    def counted(cfg, on_progress=None):
+        calls.append(cfg.run_name)
+        return real(cfg, on_progress=on_progress)
+
+    monkeypatch.setitem(RECIPES, "local", counted)
+    monkeypatch.setitem(RECIPES, "plain-split", counted)
+    records = run_experiment(plan)
+    assert calls == [missing]  # only the unfinished cell ran
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert [r["reused"] for r in records] == [True, True, True, False]
+    assert not list((out / "runs").glob(".partial-*"))
+    invocations = json.loads((out / "provenance.json").read_text())["invocations"]
+    assert invocations[-1]["ran"] == [missing]
+
+
+def test_resume_refuses_cells_that_ran_another_config(tiny_experiment, tmp_path, keyword_table):
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table)
+    result = run_cli("experiment", str(config), "--set", "train.lr=0.5")
+    assert result.exit_code == ExitCode.CONFIG
+    assert "ran another config (differs in train.lr)" in result.output

@@ -1,0 +1,92 @@
+"""``shieldtune report``: the tables, curves, leakage and overhead sections, and provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+
+from _experiment import run_cli
+
+from shieldtune.errors import ExitCode
+from shieldtune.experiments.provenance import package_versions
+from shieldtune.report import write_report
+from shieldtune.report.tables import fmt_stat
+
+
+def _copy(tiny_experiment, tmp_path):
+    out = tmp_path / "exp"
+    shutil.copytree(tiny_experiment.folder, out)
+    return out
+
+
+def test_report_holds_the_table_curves_and_provenance(tiny_experiment, tmp_path):
+    folder = _copy(tiny_experiment, tmp_path)
+    result = run_cli("report", str(folder))
+    assert result.exit_code == 0, result.output
+    html = (folder / "report.html").read_text()
+    md = (folder / "report.md").read_text()
+    results = json.loads((folder / "results.json").read_text())
+    for page in (html, md):
+        for s in results["summary"]:  # the mean ± std table
+            assert s["row"] in page and fmt_stat("accuracy", s["accuracy"]) in page
+        for c in results["cells"]:
+            assert c["run_dir"] in page
+        assert platform.python_version() in page  # provenance
+        for name, version in package_versions(
+            ("torch", "transformers", "peft", "flwr", "cryptography")
+        ).items():
+            assert f"{name}" in page and str(version) in page
+        assert "Seeds: 0, 1." in page and "name: tiny-kw" in page  # seeds and the config
+        assert "No attack results in this folder" in page  # said plainly, nothing invented
+        assert "From benchmarks: none" in page
+    assert html.count('src="data:image/png;base64,') == 1  # the curves, embedded
+    assert "![training curves, kw](report_files/curves_0.png)" in md
+    assert (folder / "report_files" / "curves_0.png").stat().st_size > 1000
+
+
+def test_report_reads_attack_rows_and_benchmark_lines(tiny_experiment, tmp_path):
+    folder = _copy(tiny_experiment, tmp_path)
+    (folder / "attacks").mkdir()
+    rows = [
+        {
+            "attack": "nn-inversion",
+            "mode": mode,
+            "cut": cut,
+            "defence": "none",
+            "metric": "token_recovery",
+            "value": value,
+            "chance": 0.03,
+            "n": 10,
+        }
+        for cut in (0, 2)
+        for mode, value in (("plain-split", 0.9 - 0.1 * cut), ("split", 0.0))
+    ]
+    rows.append(
+        {
+            "attack": "mia-loss",
+            "mode": "plain-fedavg",
+            "cut": None,
+            "defence": "none",
+            "metric": "auc",
+            "value": 0.8,
+            "chance": 0.5,
+            "n": 64,
+        }
+    )
+    (folder / "attacks" / "leakage.json").write_text(json.dumps(rows))
+    (folder / "benchmarks").mkdir()
+    (folder / "benchmarks" / "split.txt").write_text(
+        "# a table a person reads\n" + json.dumps({"plain_step_s": 2.0, "ratio": 1.75}) + "\n"
+    )
+    html = write_report(folder)[0].read_text()
+    assert 'alt="token_recovery"' in html  # the leakage-vs-cut plot
+    assert "0.700 (0.030)" in html and "0.800 (0.500)" in html  # value (chance)
+    assert "split.txt" in html and "1.750" in html
+    assert "No attack results" not in html and "From benchmarks: none" not in html
+
+
+def test_report_of_a_folder_without_results_is_a_config_error(tmp_path):
+    result = run_cli("report", str(tmp_path))
+    assert result.exit_code == ExitCode.CONFIG
+    assert "not an experiment folder" in result.output
