@@ -1,17 +1,24 @@
 """Step time and peak memory of every plain (insecure) mode, one subprocess per mode.
 
     python benchmarks/bench_plain_modes.py --model minilm --batch 16 --seq 128 --steps 5
+    python benchmarks/bench_plain_modes.py --model smollm2          # causal LM, 8 x 128
 
 Each mode runs in its own process so its peak memory is its own (CPU: max RSS; CUDA: max
 allocated). Ratios are against local LoRA measured in the same run. Runs unchanged on CPU or
 CUDA (--device auto picks CUDA when present). ``step s`` is the best of --steps timed steps
-(robust to other load on a shared machine); the median is printed beside it.
+(robust to other load on a shared machine); the median is printed beside it. The header names
+the torch build, threads and CUDA device, and the load average before and after the run.
+
+Task, batch and sequence length default per model (:data:`MODEL_DEFAULTS`): the decoder-only
+LLM ``smollm2`` trains as a causal LM on 8 x 128 tokens (every token a target, as in
+pre-training); other models as 5-class sequence classifiers on 16 x 128.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -30,6 +37,41 @@ MODES = {
         {"method": "spf", "density": 0.01, "saliency": "magnitude"},
     ),
 }
+
+MODEL_DEFAULTS: dict[str, dict[str, object]] = {
+    "smollm2": {"task": "causal-lm", "batch": 8, "seq": 128},
+    "tiny-llama": {"task": "causal-lm"},
+    "tiny-qwen2": {"task": "causal-lm"},
+    "tiny-gpt2": {"task": "causal-lm"},
+}
+"""Per-model defaults of --task / --batch / --seq; any other model: seq-cls, 16 x 128."""
+
+FALLBACK = {"task": "seq-cls", "batch": 16, "seq": 128}
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill --task / --batch / --seq left unset from the model's defaults."""
+    chosen = {**FALLBACK, **MODEL_DEFAULTS.get(args.model, {})}
+    for key, value in chosen.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def machine_line() -> str:
+    """torch build, threads and accelerator of this process."""
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"torch {torch.__version__} · {torch.get_num_threads()} threads · cuda: {cuda}"
+
+
+def load_line() -> str:
+    """The 1/5/15-minute load average (other work sharing the cores skews CPU times)."""
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average n/a"
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -121,9 +163,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--task", default=None, choices=["seq-cls", "causal-lm"], help="default: per model"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default: per model")
+    parser.add_argument("--seq", type=int, default=None, help="default: per model")
     parser.add_argument("--cut", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -132,7 +176,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print one JSON line per mode")
-    args = parser.parse_args()
+    args = resolve_defaults(parser.parse_args())
     if args.mode:  # child process
         print(json.dumps(run_one(args)))
         return
@@ -140,6 +184,7 @@ def main() -> None:
         f"# plain modes · model {args.model} ({args.task}) · batch {args.batch}×{args.seq} · "
         f"cut {args.cut} · {args.precision} · {platform.processor() or platform.machine()}"
     )
+    print(f"# {machine_line()} · {load_line()} (before)")
     rows = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
@@ -161,6 +206,7 @@ def main() -> None:
         )
         if args.json:
             print(json.dumps(r))
+    print(f"# {load_line()} (after)")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,27 @@ def test_every_shipped_config_loads(path):
 
 def test_configs_exist():
     assert CONFIGS, "configs/ must ship at least one YAML preset"
+
+
+REAL_LM_CONFIGS = [
+    p
+    for p in CONFIGS
+    if (c := load_config(p)).model.task == "causal-lm" and c.model.name == "smollm2"
+]
+
+
+@pytest.mark.parametrize("path", REAL_LM_CONFIGS, ids=lambda p: p.name)
+def test_real_llm_configs_report_both_answer_evaluations(path):
+    """The smollm2 accuracy runs report log-likelihood scoring *and* parsed greedy generations.
+
+    ``train.eval_generation`` defaults to off (generation is slow without a KV cache); a
+    results config that leaves it off writes no ``gen_accuracy`` / ``gen_invalid_rate``.
+    """
+    cfg = load_config(path)
+    assert cfg.train.eval_generation, f"{path.name}: set train.eval_generation: true"
+    assert cfg.train.zero_shot, f"{path.name}: set train.zero_shot: true (the baseline row)"
+
+
+def test_real_llm_configs_exist():
+    names = {p.name for p in REAL_LM_CONFIGS}
+    assert {"lora_smollm2_abstracts.yaml", "lora_smollm2_pubmedqa.yaml"} <= names

@@ -19,6 +19,7 @@ from shieldtune.models import full_slice, load_model, slice_model
 from shieldtune.recipes import run_local, run_plain_split
 from shieldtune.training import task_loss
 from shieldtune.training.answers import (
+    answer_decided,
     answer_prompts,
     generate_answers,
     parse_answer,
@@ -273,6 +274,7 @@ def test_greedy_generation_matches_hf_generate_on_a_padded_batch(tiny, sample):
         max_new_tokens=4,
         batch_size=5,
         task_prompt=SHORT,
+        stop_when_decided=False,  # every token, to compare the texts
     )
     # Assert: each row equals Hugging Face greedy decoding of that prompt alone
     for prompt, text in zip(prompts, got["generations"], strict=True):
@@ -313,6 +315,77 @@ YES_NO = ["yes", "no", "maybe"]
 )
 def test_parse_answer(text, names, expected):
     assert parse_answer(text, names) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "names", "decided"),
+    [
+        ("The", NAMES, True),  # no answer starts with "the": invalid whatever follows
+        ("Neoplasms.", NAMES, True),
+        ("Neoplasms", NAMES, False),  # "Neoplasmsx" would be invalid
+        ("Neoplasms ", NAMES, False),  # trailing space is dropped by normalisation
+        ("  **Dig", NAMES, False),
+        ("Digestive system", NAMES, False),
+        ("Digestive systems", NAMES, True),
+        ("", NAMES, False),
+        ("**", NAMES, False),  # only what the parser strips from the front
+        ("yes", ["yes", "yes sir"], False),
+        ("yes s", ["yes", "yes sir"], False),
+        ("yes, sir", ["yes", "yes sir"], True),
+        ("no\ufffd", YES_NO, False),  # a character still being decoded
+    ],
+)
+def test_answer_decided(text, names, decided):
+    assert answer_decided(text, names) is decided
+
+
+def test_a_decided_parse_never_changes():
+    # every prefix of a set of generations, against every continuation of it
+    texts = [
+        "Neoplasms. They grow.",
+        "The abstract describes neoplasms",
+        "  **Digestive system diseases**",
+        "Nervous systemic",
+        "yes sir, maybe",
+        "Maybe yes",
+        "nope",
+        "General pathological conditions",
+    ]
+    for names in (NAMES, YES_NO, ["yes", "yes sir"]):
+        for text in texts:
+            for cut in range(len(text) + 1):
+                head = text[:cut]
+                if answer_decided(head, names):
+                    for end in range(cut, len(text) + 1):
+                        assert parse_answer(text[:end], names) == parse_answer(head, names), (
+                            head,
+                            text[:end],
+                        )
+
+
+def test_stopping_when_decided_keeps_every_prediction(tiny, sample):
+    # Prepare: a random tiny model (mostly invalid text) and a forward that answers correctly
+    tok = tiny.tokenizer
+    kw = {"max_length": ROOMY, "max_new_tokens": 12, "batch_size": 3, "task_prompt": SHORT}
+    calls = {"early": 0, "full": 0}
+
+    def counted(key):
+        def forward(ids, mask):
+            calls[key] += 1
+            return full_slice(tiny.model)(ids, mask)
+
+        return forward
+
+    # Execute
+    early = generate_answers(counted("early"), tok, sample, **kw)
+    full = generate_answers(counted("full"), tok, sample, stop_when_decided=False, **kw)
+    # Assert: the same predictions and validity, each cut text a prefix of the full one
+    assert early["predictions"] == full["predictions"]
+    assert early["invalid_rate"] == full["invalid_rate"]
+    assert early["accuracy"] == full["accuracy"]
+    for cut, whole in zip(early["generations"], full["generations"], strict=True):
+        assert whole.startswith(cut)
+    assert calls["early"] < calls["full"]
 
 
 def test_seq_cls_logits_are_refused(sample, tiny):
