@@ -25,23 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _inversion(args: argparse.Namespace, key: Path) -> list[dict]:
@@ -192,9 +181,11 @@ def main() -> None:
 
     import torch
 
+    from shieldtune.experiments.provenance import cpu_name
+
     torch.set_num_threads(args.threads)
     print(
-        f"# measured leakage · {_cpu()} · {os.cpu_count()} cores · torch "
+        f"# measured leakage · {cpu_name()} · {os.cpu_count()} cores · torch "
         f"{torch.__version__} · {torch.get_num_threads()} threads · no GPU used",
         flush=True,
     )

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,19 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from shieldtune.config import load_config  # noqa: E402
+from shieldtune.experiments.provenance import cpu_name  # noqa: E402
 from shieldtune.models import load_model  # noqa: E402
 from shieldtune.recipes.shielded import open_party, party_config  # noqa: E402
 from shieldtune.tee.backends.simulated import PLATFORM_KEY_ENV  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
@@ -114,7 +104,7 @@ def main() -> None:
 
     print(
         f"# shielded (Method 1) · model {args.model} ({args.task}) · batch {args.batch}×{args.seq}"
-        f" · LoRA r=8 · float32 · {_cpu_name()} · torch {torch.__version__} · "
+        f" · LoRA r=8 · float32 · {cpu_name()} · torch {torch.__version__} · "
         f"{torch.get_num_threads()} threads · cuda: "
         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
     )

@@ -531,7 +531,13 @@ def _shielded_clients(
     """shielded-fedavg clients: each node's party (enclave + accelerator, entered on
     ``parties``) trains in its enclave; its channel to the server enclave ends in there."""
     from shieldtune.federated.mods import PartySealedMod
-    from shieldtune.recipes.shielded import ACCEL_AUDIT, ShieldedTrainer, open_party, party_config
+    from shieldtune.recipes.shielded import (
+        ACCEL_AUDIT,
+        ShieldedTrainer,
+        open_party,
+        party_config,
+        party_options,
+    )
 
     s = cfg.shielded
     num_labels = prep.num_labels if cfg.model.task == "seq-cls" else None
@@ -539,17 +545,7 @@ def _shielded_clients(
 
     def build(settings: LocalTraining, train: dict, test: dict, part: int) -> Trainer:
         audit = run_path / ACCEL_AUDIT.replace(".jsonl", f"_{part}.jsonl") if s.offload else None
-        party = parties.enter_context(
-            open_party(
-                config,
-                backend=s.backend,
-                allow_simulated=s.allow_simulated,
-                device=s.device,
-                gemm=s.gemm,
-                memory_mb=s.enclave_memory_mb,
-                accel_audit=audit,
-            )
-        )
+        party = parties.enter_context(open_party(config, **party_options(s), accel_audit=audit))
         return ShieldedTrainer(party, settings, train, test, part, s.refill)
 
     trainer_for = node_trainer_factory(cfg, prep, build)

@@ -45,6 +45,7 @@ __all__ = [
     "ShieldedSession",
     "ShieldedTrainer",
     "open_party",
+    "party_options",
     "SEALED_FILE",
 ]
 
@@ -86,6 +87,17 @@ def party_config(
         "rows": int(t.batch_size * max_len),
         "allow_export": False,
         "server_policy": server_policy,
+    }
+
+
+def party_options(s: Any) -> dict[str, Any]:
+    """``open_party`` keyword arguments from a run config's ``shielded`` section."""
+    return {
+        "backend": s.backend,
+        "allow_simulated": s.allow_simulated,
+        "device": s.device,
+        "gemm": s.gemm,
+        "memory_mb": s.enclave_memory_mb,
     }
 
 
@@ -226,11 +238,7 @@ def run_shielded(
     try:
         with open_party(
             config,
-            backend=s.backend,
-            allow_simulated=s.allow_simulated,
-            device=s.device,
-            gemm=s.gemm,
-            memory_mb=s.enclave_memory_mb,
+            **party_options(s),
             accel_audit=accel_audit,
             capture=capture,
             capture_limit=s.capture,
