@@ -234,7 +234,7 @@ def _b_step(project: Callable[[Tensor], Tensor], pt: Tensor, z: Tensor, b: Tenso
     """B minimising Σ_n ‖P_n (W u_n + B z_n)‖² (z = s A u: (N, r)), from ``b`` (out, r)."""
     eye = torch.eye(z.shape[1], dtype=_F64)
     zz = torch.linalg.inv(z.T @ z + torch.finfo(_F64).tiny * eye)  # (r, r)
-    return _pcg(lambda x: project(z @ x.T).T @ z, -pt.T @ z, b, lambda x: x @ zz, 50, 1e-10)
+    return _pcg(lambda x: project(z @ x.T).T @ z, -pt.T @ z, b, lambda x: x @ zz, 25, 1e-9)
 
 
 def _a_step(
@@ -264,7 +264,7 @@ def _a_step(
     def apply(x: Tensor) -> Tensor:
         return m.T @ project(u @ x.T @ m.T).T @ u + mu * x
 
-    return _pcg(apply, -m.T @ pt.T @ u + mu * a0, a, sylvester, 50, 1e-10)
+    return _pcg(apply, -m.T @ pt.T @ u + mu * a0, a, sylvester, 25, 1e-9)
 
 
 def solve_low_rank(

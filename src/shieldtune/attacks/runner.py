@@ -26,6 +26,7 @@ Each row is ``{attack, mode, cut, defence, metric, value, chance, n}``:
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,10 +415,13 @@ class ExtractionSuite:
     workdir: Path | None = None
 
 
-def _extraction_rows(name: str, mode: str, est: dict, true: dict, base: Row) -> list[Row]:
+def _extraction_rows(
+    name: str, mode: str, est: dict, true: dict, base: Row, guess: float
+) -> list[Row]:
     row = {"attack": name, "mode": mode, "cut": None, "defence": "none", **base}
+    error = relative_error(est, true)
     return [
-        {**row, "metric": "relative_error", "value": relative_error(est, true), "chance": 1.0},
+        {**row, "metric": "relative_error", "value": error, "chance": 1.0, "random_guess": guess},
         {**row, "metric": "cosine", "value": cosine(est, true), "chance": 0.0},
     ]
 
@@ -452,6 +456,8 @@ def extraction_leakage(
         "w_bits": suite.w_bits,
     }
     attacks = [(e.name, e.build(suite.model, suite.adapter, **options)) for e in entries]
+    say = on_progress or (lambda line: None)
+    start = time.perf_counter()
     rows_per_use = max(b["input_ids"].numel() for b in [*suite.train, *suite.evaluate])
     party = victim_party(
         suite.model,
@@ -462,6 +468,7 @@ def extraction_leakage(
         fused=suite.fused,
         **options,
     )
+    say(f"victim trained {len(suite.train)} steps in {time.perf_counter() - start:.0f} s")
     state = party.adapter.state_dict()
     gen = torch.Generator().manual_seed(suite.seed)
     truths = [attack.deltas(state) for _, attack in attacks]
@@ -469,6 +476,7 @@ def extraction_leakage(
         relative_error(random_low_rank_guess(true, attack.rank, gen), true)
         for (_, attack), true in zip(attacks, truths, strict=True)
     ]
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         captured = accelerator_views(
             party, suite.evaluate, Path(suite.workdir or tmp) / "capture", suite.modes
@@ -477,6 +485,7 @@ def extraction_leakage(
             mode: [fp.operands for fp in accelerator_passes(records, party.field.p)]
             for mode, records in captured.items()
         }
+    say(f"views {', '.join(views)} captured in {time.perf_counter() - start:.0f} s")
     if suite.control:
         shapes = next(iter(views.values()))
         views["random-operands"] = [
@@ -487,8 +496,10 @@ def extraction_leakage(
     for mode, passes in views.items():
         for (name, attack), true, guess in zip(attacks, truths, guesses, strict=True):
             base = {"n": len(true), "rows": sum(next(iter(p.values())).shape[0] for p in passes)}
-            base |= {"adapted": len(getattr(attack, "adapted", true)), "random_guess": guess}
-            rows.extend(_extraction_rows(name, mode, attack(passes), true, base))
-            if on_progress is not None:
-                on_progress(f"{name} {mode}: relative error {rows[-2]['value']:.3f}")
+            base["adapted"] = len(getattr(attack, "adapted", true))
+            start = time.perf_counter()
+            est = attack(passes)
+            seconds = time.perf_counter() - start
+            rows.extend(_extraction_rows(name, mode, est, true, base, guess))
+            say(f"{name} {mode}: relative error {rows[-2]['value']:.3f} (attack {seconds:.0f} s)")
     return rows
