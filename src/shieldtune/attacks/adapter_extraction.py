@@ -490,7 +490,7 @@ def build_lora_extractor(
         raise ConfigError(
             f"adapter extraction: no adapted map of this {family} model has an exact relation "
             f"(adapted: {adapted[:4]}...); attackable targets: "
-            f"{[t[0].rsplit('.', 1)[-1] for t in _SITES.get(family, ())] or 'none'}"
+            f"{[t[0].split('{i}.')[1] for t in _SITES.get(family, ())] or 'none'}"
         )
     return LoraExtractor(sites, settings.alpha / settings.rank, adapted, rho)
 
