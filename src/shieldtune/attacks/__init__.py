@@ -9,7 +9,9 @@ registry :data:`ATTACKS`:
   hidden states;
 - ``mia-loss`` (:mod:`~shieldtune.attacks.mia_loss`) and ``mia-gradient``
   (:mod:`~shieldtune.attacks.mia_gradient`): membership inference from a client's visible
-  update, with and without the DP option (:mod:`~shieldtune.attacks.dp`).
+  update, with and without the DP option (:mod:`~shieldtune.attacks.dp`);
+- ``lora-extraction`` (:mod:`~shieldtune.attacks.adapter_extraction`): LoRA deltas from the
+  operands a Method 1 accelerator receives.
 
 :mod:`~shieldtune.attacks.views` reads tensors out of captured bytes as an attacker can,
 :mod:`~shieldtune.attacks.capture` captures each mode's view where its attacker sits,
@@ -19,6 +21,7 @@ them directly (this ``__init__`` keeps to the attacks and the registry).
 """
 
 from shieldtune.attacks import (  # noqa: F401  (each module registers its attacks)
+    adapter_extraction,
     learned_inversion,
     mia_gradient,
     mia_loss,
@@ -28,6 +31,7 @@ from shieldtune.attacks import (  # noqa: F401  (each module registers its attac
 from shieldtune.attacks.base import (
     ATTACKS,
     SURFACES,
+    AdapterExtractor,
     Attack,
     Inverter,
     MembershipScorer,
@@ -43,6 +47,7 @@ __all__ = [
     "Attack",
     "Inverter",
     "MembershipScorer",
+    "AdapterExtractor",
     "Surface",
     "attacks_on",
     "register_attack",

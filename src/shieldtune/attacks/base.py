@@ -14,16 +14,22 @@ Surfaces (what the attacker reads):
   head). Built by ``build(shadow, global_state, candidates) -> MembershipScorer``; a
   :class:`MembershipScorer` maps a viewed update to one score per candidate example (higher =
   "was in the training set").
+- ``accelerator`` (Method 1): the operands the untrusted accelerator receives for every
+  offloaded frozen linear map, in order, decoded as that worker reads them (the field
+  elements, centred). Built by ``build(model, adapter, *, task, num_labels, seed, w_bits) ->
+  AdapterExtractor`` from the public model, the adapter's settings (method, targets, rank,
+  alpha) and the public seed; an :class:`AdapterExtractor` maps forward passes (``{map id:
+  (n, d_in) operand rows}``, one adapter state) to ``{map name: (out, in) recovered ΔW}``.
 
 Adding an attack: one module ``attacks/<name>.py`` ending with one :func:`register_attack`
 call, imported in ``attacks/__init__.py``; its tests show it succeeds on the plain mode and
-drops to chance on the protected one. A new surface (e.g. Method 1's accelerator view for
-adapter extraction) adds a literal to :data:`Surface` and its own build signature.
+drops to chance on the protected one. A new surface adds a literal to :data:`Surface` and its own
+build signature, documented above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -36,14 +42,15 @@ __all__ = [
     "SURFACES",
     "Inverter",
     "MembershipScorer",
+    "AdapterExtractor",
     "Attack",
     "ATTACKS",
     "register_attack",
     "attacks_on",
 ]
 
-Surface = Literal["cut-activations", "update"]
-SURFACES: tuple[str, ...] = ("cut-activations", "update")
+Surface = Literal["cut-activations", "update", "accelerator"]
+SURFACES: tuple[str, ...] = ("cut-activations", "update", "accelerator")
 
 
 class Inverter(Protocol):
@@ -59,6 +66,20 @@ class MembershipScorer(Protocol):
 
     def __call__(self, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Map a viewed update to (N,) float64 scores, one per candidate (higher = member)."""
+        ...
+
+
+class AdapterExtractor(Protocol):
+    """A built adapter-extraction attack on what a Method 1 accelerator receives."""
+
+    rank: int  # the adapter's rank (a random guess of the same rank is a chance level)
+
+    def __call__(self, passes: Sequence[Mapping[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Map forward passes under one adapter state to ``{map name: (out, in) ΔW}`` (float64)."""
+        ...
+
+    def deltas(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The true ``{map name: ΔW}`` of the maps it attacks, from an adapter state (scoring)."""
         ...
 
 

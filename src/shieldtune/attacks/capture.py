@@ -22,20 +22,38 @@ Federated (surface ``update``), the FedAvg host:
   relays through the host (one frame with the update's tensors, sealed by an attested channel
   session): :func:`sealed_update_record` seals it with a real channel session the same way, and
   :func:`sealed_update_view` reads the tensors back as the attacker can.
+
+Method 1 (surface ``accelerator``), the accelerator's operator:
+
+- ``plain-offload``: the insecure counterpart, the same party, engine and worker with the masks
+  removed (the pool hands out zero masks and zero factors), so the worker receives enc(x)
+  itself;
+- ``shielded``: the real one-time-padded operands.
+
+:func:`victim_party` trains the secret adapter; :func:`accelerator_views` runs its evaluation
+forwards under each view through a real worker process that saves every operand it receives
+(its ``capture`` option); :func:`accelerator_passes` decodes them as the worker can (centred
+field elements) and groups them into forward passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from shieldtune.attacks.views import TensorSpec, WireTap, read_record, specs_of
 from shieldtune.config import TrainConfig
 from shieldtune.crypto.channel import client_hello, client_session, enclave_accept
 from shieldtune.crypto.framing import encode_frame
 from shieldtune.models import ModelSlice
+from shieldtune.shielded.field import from_field
+from shieldtune.shielded.pool import FORWARD, Factor, FactorPool
+from shieldtune.shielded.program import ShieldedParty
+from shieldtune.shielded.worker import AcceleratorProcess
 from shieldtune.split.client import SplitClient
 from shieldtune.split.protocol import to_wire, wire_dtype_of
 from shieldtune.split.service import SplitService, connect, program_config, split_policy
@@ -49,6 +67,11 @@ __all__ = [
     "split_view",
     "sealed_update_record",
     "sealed_update_view",
+    "ForwardPass",
+    "read_accelerator_capture",
+    "accelerator_passes",
+    "accelerator_views",
+    "victim_party",
 ]
 
 Batch = dict[str, torch.Tensor]
@@ -220,3 +243,168 @@ def sealed_update_view(
         name: read[name].to(t.dtype) if t.is_floating_point() else t.clone()
         for name, t in public_state.items()
     }
+
+
+# --------------------------------------------------------------------------- Method 1
+@dataclass
+class ForwardPass:
+    """One forward pass as the accelerator received it.
+
+    Attributes:
+        operands: ``map id -> (n, d_in)`` float64 operand rows (a map's consecutive calls, e.g.
+            chunks of at most the pool's rows, concatenated).
+        training: Whether backward operands followed it (a training step).
+    """
+
+    operands: dict[int, torch.Tensor] = field(default_factory=dict)
+    training: bool = False
+
+
+def read_accelerator_capture(folder: Path) -> list[tuple[str, torch.Tensor]]:
+    """What a worker started with ``capture=folder`` saved: ``(call, operand)`` in arrival order.
+
+    ``call`` is ``forward:<map id>`` or ``backward:<map id>``; the operand is int64 in [0, p).
+    """
+    records = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            records.append((f.metadata()["call"], f.get_tensor("sent")))
+    return records
+
+
+def accelerator_passes(records: Sequence[tuple[str, torch.Tensor]], p: int) -> list[ForwardPass]:
+    """Group captured operands into forward passes, decoded as the worker can.
+
+    A pass starts at a forward call for a map whose id is below the previous forward's, or that
+    follows a backward call; a map's consecutive calls are one operand. The worker knows p (it
+    is in its setup) and reads each element centred: on the plain offload that is the encoded
+    input itself, on the shielded one a uniform residue.
+
+    Args:
+        records: ``(call, operand)`` as :func:`read_accelerator_capture` returns them.
+        p: The field's prime.
+
+    Returns:
+        The passes in order.
+    """
+    passes: list[ForwardPass] = []
+    parts: dict[int, list[torch.Tensor]] = {}
+    last = -1
+    for call, sent in records:
+        direction, layer = call.split(":")
+        if direction == "backward":
+            if passes:
+                passes[-1].training = True
+            continue
+        if int(layer) < last or not passes or passes[-1].training:
+            passes.append(ForwardPass())
+            parts = {}
+        parts.setdefault(int(layer), []).append(from_field(sent, p).to(torch.float64))
+        passes[-1].operands[int(layer)] = torch.cat(parts[int(layer)])
+        last = int(layer)
+    return passes
+
+
+def _zero_pool(party: ShieldedParty) -> FactorPool:
+    """A pool of zero masks and zero factors for the party's maps: the masks removed."""
+
+    def zero(layer: int, direction: int, counter: tuple, rows: int) -> Factor:
+        out_f, in_f = party.plans[layer].shape
+        sent, got = (in_f, out_f) if direction == FORWARD else (out_f, in_f)
+        zeros = torch.zeros
+        return Factor(
+            counter, zeros(rows, sent, dtype=torch.int64), zeros(rows, got, dtype=torch.int64)
+        )
+
+    return FactorPool(zero, party.pool.streams, party.pool.rows, 0)
+
+
+def accelerator_views(
+    party: ShieldedParty,
+    batches: Sequence[Batch],
+    folder: Path,
+    modes: Sequence[str] = ("plain-offload", "shielded"),
+) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """What one worker receives while a party evaluates ``batches`` once per mode.
+
+    The party (offloading; trained or not) is attached to a new worker process that saves
+    every operand (its ``capture`` option, in ``folder``); the worker is stopped on return,
+    and the party must be attached again before it trains on. The same adapter state is seen
+    under each mode, in eval mode (no dropout).
+
+    Args:
+        party: The party (its adapter is the secret).
+        batches: The batches whose logits it computes.
+        folder: Where the worker saves the operands (created).
+        modes: ``shielded`` (the real masks) and/or ``plain-offload`` (the masks removed: the
+            pool hands out zero masks and factors, so the worker receives enc(x) itself).
+
+    Returns:
+        ``mode -> (call, operand)`` in arrival order (:func:`read_accelerator_capture`).
+
+    Raises:
+        ValueError: An unknown mode.
+    """
+    bad = [m for m in modes if m not in ("plain-offload", "shielded")]
+    if bad:
+        raise ValueError(f"unknown accelerator views {bad}; accepted: plain-offload, shielded")
+    views, seen = {}, 0
+    with AcceleratorProcess(capture=folder, capture_limit=2**31 - 1) as accel:
+        party.attach(accel.socket_path, "cpu", "auto")
+        masked = party.engine.pool
+        for mode in modes:
+            party.engine.pool = masked if mode == "shielded" else _zero_pool(party)
+            for batch in batches:
+                party.logits(batch)
+            records = read_accelerator_capture(folder)  # the worker saves before it replies
+            views[mode], seen = records[seen:], len(records)
+    return views
+
+
+def victim_party(
+    model: str,
+    adapter: Mapping[str, object],
+    batches: Sequence[Batch],
+    *,
+    task: str = "seq-cls",
+    num_labels: int | None = 2,
+    lr: float = 1e-2,
+    w_bits: int = 12,
+    seed: int = 0,
+    rows: int = 256,
+    fused: bool = True,
+) -> ShieldedParty:
+    """The victim of Method 1: an offloading party trained one step per batch of ``batches``.
+
+    It trains on the clear fixed-point path of its own engine (``clear_reference``), which
+    equals the masked path bit for bit (``tests/shielded/test_offload.py``), so the adapter is
+    the one a masked run gives, without a worker; :func:`accelerator_views` attaches one.
+
+    Args:
+        model, adapter, task, num_labels, lr, w_bits, seed: The party's settings.
+        batches: Its training batches (with labels).
+        rows: Rows per mask (the largest B·T it will send at once).
+        fused: Fused elementwise kernels (compiled on first use; the same arithmetic either way).
+    """
+    party = ShieldedParty(
+        model=model,
+        task=task,
+        num_labels=num_labels,
+        adapter=dict(adapter),
+        lr=lr,
+        train=TrainConfig(lr=lr, schedule="constant", warmup_ratio=0.0),
+        seed=seed,
+        total_steps=max(len(batches), 1),
+        offload=True,
+        w_bits=w_bits,
+        field_bits=0,
+        max_bits=0,
+        check_rate=1.0,
+        pool_size=0,
+        rows=rows,
+        clear_reference=True,
+        fused=fused,
+    )
+    for batch in batches:
+        party.train_step(batch)
+    return party

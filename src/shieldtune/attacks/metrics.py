@@ -10,12 +10,15 @@ attacker scores *without* reading the view, so "attack succeeds" means "clearly 
   is far from 0, since common tokens form long common subsequences);
 - ROC AUC: 0.5;
 - advantage (max TPR − FPR): :func:`null_advantage`, its mean over random member labels (the
-  maximum over thresholds is biased upwards on finite samples, so its chance level is not 0).
+  maximum over thresholds is biased upwards on finite samples, so its chance level is not 0);
+- relative error of a recovered adapter (:func:`relative_error`): 1.0, the error of guessing
+  the public initial adapter's ΔW = 0; a random guess of the right rank and norm
+  (:func:`random_low_rank_guess`) scores about √2; cosine (:func:`cosine`): 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -28,6 +31,9 @@ __all__ = [
     "roc_auc",
     "advantage",
     "null_advantage",
+    "relative_error",
+    "cosine",
+    "random_low_rank_guess",
 ]
 
 
@@ -247,3 +253,65 @@ def null_advantage(
     for _ in range(trials):
         total += advantage(scores, y[torch.randperm(y.numel(), generator=generator)])
     return total / trials
+
+
+def _paired(
+    est: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if set(est) != set(true):
+        raise ValueError(f"estimate and truth name different maps: {sorted(set(est) ^ set(true))}")
+    names = sorted(true)
+    flat = [torch.cat([d[n].double().flatten() for n in names]) for d in (est, true)]
+    return flat[0], flat[1]
+
+
+def relative_error(est: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> float:
+    """‖est − true‖ / ‖true‖ (Frobenius, over all maps together).
+
+    Args:
+        est: ``name -> recovered matrix`` (e.g. a LoRA ΔW).
+        true: ``name -> true matrix``, the same names and shapes.
+
+    Returns:
+        0 for an exact recovery, 1.0 for the zero guess; ``inf`` when ``true`` is all zero.
+
+    Raises:
+        ValueError: The two name different maps.
+    """
+    e, t = _paired(est, true)
+    norm = float(t.norm())
+    return float((e - t).norm()) / norm if norm > 0 else float("inf")
+
+
+def cosine(est: Mapping[str, torch.Tensor], true: Mapping[str, torch.Tensor]) -> float:
+    """Cosine between the two, all maps flattened together (0.0 if either is zero).
+
+    Raises:
+        ValueError: The two name different maps.
+    """
+    e, t = _paired(est, true)
+    norms = float(e.norm()) * float(t.norm())
+    return float(e @ t) / norms if norms > 0 else 0.0
+
+
+def random_low_rank_guess(
+    true: Mapping[str, torch.Tensor], rank: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Per map, a Gaussian rank-``rank`` matrix with the true matrix's norm: a guess that knows
+    the size of the secret and nothing else.
+
+    Args:
+        true: ``name -> (out, in)`` true matrices.
+        rank: The guesses' rank.
+        generator: Source of the draws.
+
+    Returns:
+        ``name -> (out, in)`` float64.
+    """
+    out = {}
+    for name, t in true.items():
+        left = torch.randn(t.shape[0], rank, generator=generator, dtype=torch.float64)
+        right = torch.randn(rank, t.shape[1], generator=generator, dtype=torch.float64)
+        guess = left @ right
+        out[name] = guess * (float(t.double().norm()) / float(guess.norm()))
+    return out

@@ -2,23 +2,31 @@
 
 Each row is ``{attack, mode, cut, defence, metric, value, chance, n}``:
 
-- ``metric``: ``token_recovery`` / ``rouge_l`` (inversion) or ``auc`` / ``advantage``
-  (membership); ``value`` is what the attack scored;
+- ``metric``: ``token_recovery`` / ``rouge_l`` (inversion), ``auc`` / ``advantage``
+  (membership), ``relative_error`` / ``cosine`` (adapter extraction); ``value`` is what the
+  attack scored;
 - ``chance``: what an attacker scores without reading the view (see
   :mod:`shieldtune.attacks.metrics`): for inversion the larger of the oracle blind guess and the
   attack's outputs scored against another row's text, 0.5 for AUC, the shuffled-label mean for
-  advantage;
-- ``cut``: the split layer (None for membership); ``defence``: ``none`` or the DP setting;
-  ``n``: scored token positions or candidate examples; membership rows also carry
-  ``repeats``, the noise draws or seals their value is the mean of.
+  advantage; for extraction the public initial adapter's score (relative error 1.0, cosine 0),
+  and relative-error rows also carry ``random_guess``, a random guess of the right rank and
+  norm;
+- ``cut``: the split layer (None for membership and extraction); ``defence``: ``none`` or the
+  DP setting;
+  ``n``: scored token positions, candidate examples or attacked maps; membership rows also
+  carry ``repeats``, the noise draws or seals their value is the mean of; extraction rows
+  ``rows`` (token rows the attack read) and ``adapted`` (adapted maps, attacked or not).
 
 :func:`leakage_vs_cut` runs the inversion attacks (:class:`InversionSuite`),
-:func:`update_leakage` the membership attacks (:class:`MembershipSuite`), :func:`run_attacks`
-both.
+:func:`update_leakage` the membership attacks (:class:`MembershipSuite`),
+:func:`extraction_leakage` the adapter extraction from Method 1's accelerator
+(:class:`ExtractionSuite`), :func:`run_attacks` the first two.
 """
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,19 +39,25 @@ import torch.nn.functional as F
 from shieldtune.attacks._shadow import Shadow
 from shieldtune.attacks.base import ATTACKS, Surface
 from shieldtune.attacks.capture import (
+    accelerator_passes,
+    accelerator_views,
     plain_split_view,
     sealed_update_record,
     sealed_update_view,
     split_records,
     split_view,
+    victim_party,
 )
 from shieldtune.attacks.dp import privatize
 from shieldtune.attacks.metrics import (
     advantage,
     blind_guess,
+    cosine,
     mean_rouge_l,
     mismatched_rows,
     null_advantage,
+    random_low_rank_guess,
+    relative_error,
     roc_auc,
     token_recovery,
 )
@@ -57,16 +71,20 @@ from shieldtune.models import ModelSlice, load_model, slice_model
 __all__ = [
     "SPLIT_MODES",
     "FEDAVG_MODES",
+    "EXTRACTION_MODES",
     "InversionSuite",
     "MembershipSuite",
+    "ExtractionSuite",
     "leakage_vs_cut",
     "update_leakage",
+    "extraction_leakage",
     "run_attacks",
 ]
 
 Row = dict[str, Any]
 SPLIT_MODES = ("plain-split", "split")
 FEDAVG_MODES = ("plain-fedavg", "secure-fedavg")
+EXTRACTION_MODES = ("plain-offload", "shielded")
 
 
 @dataclass(frozen=True)
@@ -355,4 +373,133 @@ def run_attacks(
         rows.extend(leakage_vs_cut(inversion, on_progress))
     if membership is not None:
         rows.extend(update_leakage(membership))
+    return rows
+
+
+# --------------------------------------------------------------------------- adapter extraction
+@dataclass(frozen=True)
+class ExtractionSuite:
+    """Adapter extraction from what a Method 1 accelerator receives.
+
+    Attributes:
+        model: Preset or folder.
+        adapter: The party's adapter settings (``method``, targets, rank, alpha).
+        train: The victim's batches (with labels), one step each, so its adapter is no longer
+            the seeded one (B ≠ 0); see :func:`~shieldtune.attacks.capture.victim_party`.
+        evaluate: Batches whose evaluation forwards the accelerator then receives, per mode.
+        task: The party's task.
+        num_labels: Its classes (seq-cls).
+        modes: Of :data:`EXTRACTION_MODES`.
+        attacks: Registered ``accelerator`` attacks.
+        control: Also run each attack on random operands of the views' shapes.
+        lr: The party's learning rate.
+        w_bits: Bits of the integer weights.
+        fused: The party's fused elementwise kernels (compiled on first use; same arithmetic).
+        seed: The party's seed (adapter initialisation); also seeds the control and the guess.
+        workdir: Where the worker saves operands, kept (None: a temporary folder).
+    """
+
+    model: str
+    adapter: dict[str, Any]
+    train: Sequence[dict[str, torch.Tensor]]
+    evaluate: Sequence[dict[str, torch.Tensor]]
+    task: str = "seq-cls"
+    num_labels: int | None = 2
+    modes: Sequence[str] = EXTRACTION_MODES
+    attacks: Sequence[str] = ("lora-extraction",)
+    control: bool = True
+    lr: float = 1e-2
+    w_bits: int = 12
+    fused: bool = True
+    seed: int = 0
+    workdir: Path | None = None
+
+
+def _extraction_rows(
+    name: str, mode: str, est: dict, true: dict, base: Row, guess: float
+) -> list[Row]:
+    row = {"attack": name, "mode": mode, "cut": None, "defence": "none", **base}
+    error = relative_error(est, true)
+    return [
+        {**row, "metric": "relative_error", "value": error, "chance": 1.0, "random_guess": guess},
+        {**row, "metric": "cosine", "value": cosine(est, true), "chance": 0.0},
+    ]
+
+
+def extraction_leakage(
+    suite: ExtractionSuite, on_progress: Callable[[str], None] | None = None
+) -> list[Row]:
+    """Relative error and cosine of each recovered adapter, per view of the accelerator.
+
+    The party trains once; then its evaluation forwards go through one capturing worker, once
+    per mode (the same adapter state under each), and each attack reads the captured operands
+    (:func:`~shieldtune.attacks.capture.accelerator_passes`). The control (``random-operands``)
+    feeds the attacks Gaussian operands of the same shapes.
+
+    Args:
+        suite: What to measure.
+        on_progress: Called with a short line per (attack, view).
+
+    Returns:
+        Rows (see the module docstring), two metrics per (attack, view).
+
+    Raises:
+        ConfigError: Unknown mode or attack, an attack of another surface, or an adapter the
+            attack cannot read.
+    """
+    _check(suite.modes, EXTRACTION_MODES, "modes")
+    entries = _entries(suite.attacks, "accelerator", "attacks")
+    options = {
+        "task": suite.task,
+        "num_labels": suite.num_labels,
+        "seed": suite.seed,
+        "w_bits": suite.w_bits,
+    }
+    attacks = [(e.name, e.build(suite.model, suite.adapter, **options)) for e in entries]
+    say = on_progress or (lambda line: None)
+    start = time.perf_counter()
+    rows_per_use = max(b["input_ids"].numel() for b in [*suite.train, *suite.evaluate])
+    party = victim_party(
+        suite.model,
+        suite.adapter,
+        suite.train,
+        lr=suite.lr,
+        rows=rows_per_use,
+        fused=suite.fused,
+        **options,
+    )
+    say(f"victim trained {len(suite.train)} steps in {time.perf_counter() - start:.0f} s")
+    state = party.adapter.state_dict()
+    gen = torch.Generator().manual_seed(suite.seed)
+    truths = [attack.deltas(state) for _, attack in attacks]
+    guesses = [
+        relative_error(random_low_rank_guess(true, attack.rank, gen), true)
+        for (_, attack), true in zip(attacks, truths, strict=True)
+    ]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        captured = accelerator_views(
+            party, suite.evaluate, Path(suite.workdir or tmp) / "capture", suite.modes
+        )
+        views = {
+            mode: [fp.operands for fp in accelerator_passes(records, party.field.p)]
+            for mode, records in captured.items()
+        }
+    say(f"views {', '.join(views)} captured in {time.perf_counter() - start:.0f} s")
+    if suite.control:
+        shapes = next(iter(views.values()))
+        views["random-operands"] = [
+            {i: torch.randn(t.shape, generator=gen, dtype=torch.float64) for i, t in p.items()}
+            for p in shapes
+        ]
+    rows: list[Row] = []
+    for mode, passes in views.items():
+        for (name, attack), true, guess in zip(attacks, truths, guesses, strict=True):
+            base = {"n": len(true), "rows": sum(next(iter(p.values())).shape[0] for p in passes)}
+            base["adapted"] = len(getattr(attack, "adapted", true))
+            start = time.perf_counter()
+            est = attack(passes)
+            seconds = time.perf_counter() - start
+            rows.extend(_extraction_rows(name, mode, est, true, base, guess))
+            say(f"{name} {mode}: relative error {rows[-2]['value']:.3f} (attack {seconds:.0f} s)")
     return rows
