@@ -198,10 +198,20 @@ def write_app_bundle(
 
 
 # ---------------------------------------------------------------------- agreement
-def enclave_config(cfg: RunConfig) -> dict[str, int]:
-    """The ``fedavg`` enclave program's config (part of its measurement)."""
+def enclave_config(cfg: RunConfig) -> dict[str, Any]:
+    """The ``fedavg`` enclave program's config (part of its measurement).
+
+    Split modes aggregate their clients' SPF deltas: ``sparse`` with the DP settings.
+    """
     f = cfg.federated
-    return {"max_update_bytes": int(f.max_update_mb * 2**20), "min_updates": f.min_clients}
+    out: dict[str, Any] = {
+        "max_update_bytes": int(f.max_update_mb * 2**20),
+        "min_updates": f.min_clients,
+    }
+    if cfg.mode in ("split", "plain-split"):
+        s = cfg.split
+        out.update(sparse=True, dp_clip=s.dp_clip, dp_sigma=float(s.dp_sigma))
+    return out
 
 
 def client_policy(cfg: RunConfig, platform_keys: list[str] | None = None) -> Any:
