@@ -265,7 +265,12 @@ ENCLAVE_PROGRAMS.register(
     "split-server",
     ProgramSpec(
         "shieldtune.split.server_program",
-        (*_MODEL_AND_TRAINING, "shieldtune.split.protocol", "shieldtune.split.step"),
+        (
+            *_MODEL_AND_TRAINING,
+            "shieldtune.split.protocol",
+            "shieldtune.split.server",
+            "shieldtune.split.step",
+        ),
     ),
 )
 ENCLAVE_PROGRAMS.register(
