@@ -216,13 +216,14 @@ def enclave_config(cfg: RunConfig) -> dict[str, Any]:
 
 def client_policy(cfg: RunConfig, platform_keys: list[str] | None = None) -> Any:
     """What a client trusts: the ``fedavg`` measurement it computes from its own copy of the
-    code and config, simulated enclaves only with ``federated.allow_simulated``, and (simulated)
-    the platform keys given."""
+    code and config, simulated enclaves only with ``federated.allow_simulated`` (split modes:
+    ``split.allow_simulated``), and (simulated) the platform keys given."""
     from shieldtune.tee.attestation import Policy
     from shieldtune.tee.program import measure_program
 
+    split = cfg.mode in ("split", "plain-split")
     return Policy(
-        allow_simulated=cfg.federated.allow_simulated,
+        allow_simulated=cfg.split.allow_simulated if split else cfg.federated.allow_simulated,
         simulated_platform_keys=list(platform_keys or []),
         allowed_measurements=[measure_program(ENCLAVE_PROGRAM, enclave_config(cfg))],
     )

@@ -33,6 +33,7 @@ from shieldtune.federated.aggregate import (
     fedavg,
     screen_updates,
     sparse_fedavg,
+    sparse_from_state,
     spec_of,
     validate_update,
 )
@@ -208,7 +209,14 @@ def aggregate(ctx: EnclaveContext, request: Frame) -> Frame:
 
 @PROGRAM.ecall("status", channel=False)
 def status(ctx: EnclaveContext, request: Frame) -> Frame:
-    """Round, pending updates, whether a global adapter exists, loaded modules (host call)."""
+    """Round, pending updates, whether a global adapter exists, loaded modules (host call).
+
+    A sparse program loads its SPF delta code here first, so that the module list is what it
+    runs and the first aggregation does not pay the import.
+    """
+    if _sparse(ctx):
+        _dp(ctx)  # a bad DP setting is refused before any round
+        sparse_from_state({})
     return Frame(
         meta={
             "round": _round(ctx),

@@ -62,6 +62,10 @@ def run_plain_split(
     Returns:
         The completed run folder.
     """
+    if cfg.split.clients > 1:
+        from shieldtune.recipes.split_federated import run_split_federated
+
+        return run_split_federated(cfg, on_progress)
     # setup
     prep = prepare(cfg)
     model, task, train_cfg = prep.loaded.model, cfg.model.task, cfg.train

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -88,7 +89,8 @@ class LocalSplitServer:
             self.ctx.session = session
             try:
                 request = Frame(meta=dict(meta or {}), tensors=dict(tensors or {}))
-                return server_program.PROGRAM.dispatch(self.ctx, ecall, request)
+                with torch.enable_grad():  # as in the enclave process, whatever the caller's mode
+                    return server_program.PROGRAM.dispatch(self.ctx, ecall, request)
             finally:
                 self.ctx.session = None
 
@@ -113,6 +115,14 @@ class LocalSplitServer:
             if session in self._sessions:
                 self._sessions.remove(session)
                 server_program.PROGRAM.session_closed(self.ctx, session)
+
+    def save_adapter(self, out_dir: Path, *, base_model: str) -> None:
+        """Write the server adapter (per_client: the last average) in the clear, PEFT format."""
+        with self._lock:
+            server = server_program._SERVER["server"]  # noqa: SLF001
+            if server.per_client:
+                server.park()
+            server.adapter.save(Path(out_dir), base_model=base_model)
 
     def stop(self) -> None:
         """Close every session and free the instance slot (idempotent)."""

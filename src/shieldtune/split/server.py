@@ -155,14 +155,14 @@ class SplitServer:
             rng = RngStream(self._stream_seed)
             slot = self.slots[session] = _Slot(values, self._new_optim(), rng)
         if slot is not self.loaded:
-            self._park()
+            self.park()
             with torch.no_grad():
                 for p, v in zip(self.optim.params, slot.values, strict=True):
                     p.copy_(v)
             self.loaded = slot
         return slot
 
-    def _park(self) -> None:
+    def park(self) -> None:
         """per_client: keep the loaded session's tensors; the back slice holds the start."""
         with torch.no_grad():
             if self.loaded is not None:
@@ -191,7 +191,7 @@ class SplitServer:
         """
         if not self.per_client:
             return {"sessions": 0, "averaged": 0, "examples": 0}
-        self._park()
+        self.park()
         weighted = [s for s in self.slots.values() if s.examples > 0]
         total = sum(s.examples for s in weighted)
         if weighted:
@@ -302,7 +302,7 @@ class SplitServer:
         per_client: the start adapter (the last average) without moments, which are per session.
         """
         if self.per_client:
-            self._park()
+            self.park()
         out = {f"{_ADAPTER}{k}": v for k, v in self.adapter.state_dict().items()}
         opt_state = {} if self.per_client else self.optim.opt.state
         for i, p in enumerate(self.optim.params):
