@@ -151,6 +151,12 @@ def tiny_batch(seed: int = 0, batch: int = 4, seq: int = 10) -> dict[str, torch.
 
 
 # --------------------------------------------------------------------------- several clients
+@pytest.fixture(scope="session")
+def multi_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller table for the runs with several clients (32 training rows, 8 test rows)."""
+    return write_keyword_table(tmp_path_factory.mktemp("data") / "kw40.csv", rows=40)
+
+
 def multi_config(out: Path, table: Path, *extra: str) -> Any:
     """A split run of 2 tiny-llama clients, 2 rounds of 1 local epoch, SPF (gradient) + LoRA."""
     from _tiny import table_overrides

@@ -24,7 +24,7 @@ CLEAR_OK = {"config", "sealing_key", "hello", "enclave_public", "report_data"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, keyword_table: Path, platform_key: Path):
+def runs(tmp_path_factory: pytest.TempPathFactory, multi_table: Path, platform_key: Path):
     """plain-split and split, 2 clients × 2 rounds, per_client; the Flower traffic of both."""
     out = tmp_path_factory.mktemp("runs")
     wire: dict[str, list[str]] = {"plain-split": [], "split": []}
@@ -38,7 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, keyword_table: Path, platform
 
         cfg = multi_config(
             out,
-            keyword_table,
+            multi_table,
             f"mode={mode}",
             f"run_name={mode}",
             "split.server_adapter=per_client",

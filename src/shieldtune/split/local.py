@@ -12,12 +12,14 @@ the enclave serves them::
         server.call("average")               # the host's calls, as on the enclave
 
 The program keeps its server object in a module global (one enclave process, one instance), so
-one in-process server can be live at a time.
+one in-process server can be live at a time. Like an enclave process, it keeps its seeding of
+the global generators (``init`` seeds them) to itself: each call restores the caller's.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +32,7 @@ from shieldtune.split import server_program
 from shieldtune.split.client import SplitRemote
 from shieldtune.split.protocol import PROGRAM_NAME
 from shieldtune.tee.program import EnclaveContext, TrackedState
+from shieldtune.training.rng import GLOBAL_RNG_LOCK
 
 __all__ = ["LocalSplitServer"]
 
@@ -84,15 +87,19 @@ class LocalSplitServer:
             EnclaveError: The ECALL is not reachable this way, or the program refused it.
             ChannelError: A malformed request.
         """
-        with self._lock:
+        with self._lock, GLOBAL_RNG_LOCK:
             server_program.PROGRAM.check_way(ecall, channel=session is not None)
             self.ctx.session = session
+            # the enclave process has its own global generators (init seeds them): so here
+            saved = random.getstate(), torch.get_rng_state()
             try:
                 request = Frame(meta=dict(meta or {}), tensors=dict(tensors or {}))
                 with torch.enable_grad():  # as in the enclave process, whatever the caller's mode
                     return server_program.PROGRAM.dispatch(self.ctx, ecall, request)
             finally:
                 self.ctx.session = None
+                random.setstate(saved[0])
+                torch.set_rng_state(saved[1])
 
     def connect(self, wire_dtype: str = "float32") -> tuple[SplitRemote, Callable[[], None]]:
         """A new session: its stub and the function that closes it."""
