@@ -130,13 +130,8 @@ def test_screening_keeps_good_and_empty_deltas_and_names_the_bad() -> None:
 
 
 # --------------------------------------------------------------------------- on Flower
-SPARSE_CONFIG = {
-    "max_update_bytes": 4096,
-    "min_updates": 2,
-    "sparse": True,
-    "dp_clip": None,
-    "dp_sigma": 0.0,
-}
+SPARSE = "fedavg-sparse"
+SPARSE_CONFIG = {"max_update_bytes": 4096, "min_updates": 2, "dp_clip": None, "dp_sigma": 0.0}
 MASKS = {0: [0, 3, 7], 1: [3, 8], 2: [1, 19]}
 
 
@@ -180,7 +175,7 @@ def test_the_fedavg_enclave_averages_sparse_deltas_as_the_plain_strategy(
 
     plain_for, plain_built = _sparse_trainers()
     secure_for, secure_built = _sparse_trainers()
-    enclave, audit = enclave_factory(SPARSE_CONFIG)
+    enclave, audit = enclave_factory(SPARSE_CONFIG, SPARSE)
     monkeypatch.setattr(fedkit, "ValidatedFedAvg", SparseFedAvg)  # the plain sparse strategy
     on_wire: list[str] = []
 
@@ -196,7 +191,7 @@ def test_the_fedavg_enclave_averages_sparse_deltas_as_the_plain_strategy(
         rounds=2,
         enclave=enclave,
         tap=tap,
-        policy_for=lambda n: client_policy(enclave, SPARSE_CONFIG),
+        policy_for=lambda n: client_policy(enclave, SPARSE_CONFIG, SPARSE),
     )
     # Assert: every client received the same global deltas in both runs
     assert [e["round"] for e in events if e["kind"] == "aggregated"] == [1, 2]
@@ -216,4 +211,9 @@ def test_the_fedavg_enclave_averages_sparse_deltas_as_the_plain_strategy(
         enclave.call("submit", {"client": "host", "round": 3, "num_examples": 1.0}, A)
     modules = enclave.call("status").meta["modules"]
     assert "shieldtune.adapters.spf.model" in modules
-    assert set(modules) <= set(measured_modules("fedavg"))
+    assert set(modules) <= set(measured_modules(SPARSE))
+    # the dense program measures no model code, and refuses DP settings it cannot honour
+    assert not any(m.startswith("shieldtune.adapters") for m in measured_modules("fedavg"))
+    dense, _ = enclave_factory({**SPARSE_CONFIG, "dp_clip": 1.0})
+    with pytest.raises(EnclaveError, match="DP settings need the 'fedavg-sparse' program"):
+        dense.call("aggregate", {"round": 1})

@@ -11,7 +11,7 @@ import pytest
 
 from shieldtune.config import load_config
 from shieldtune.errors import ConfigError
-from shieldtune.federated.deploy import client_policy, enclave_config
+from shieldtune.federated.deploy import client_policy, enclave_config, enclave_program
 from shieldtune.recipes import RECIPES
 from shieldtune.split.service import program_config
 from shieldtune.tee.program import measure_program
@@ -63,12 +63,12 @@ def test_the_aggregation_enclave_measures_the_sparse_and_dp_settings() -> None:
         None, ["mode=split", "split.clients=2", "split.dp_clip=0.5", "split.dp_sigma=1.0"]
     )
     assert set(enclave_config(plain)) == {"max_update_bytes", "min_updates"}
-    assert enclave_config(split) == {**enclave_config(plain), "sparse": True, "dp_clip": 0.5,
-                                     "dp_sigma": 0.0}  # fmt: skip
+    assert enclave_config(split) == {**enclave_config(plain), "dp_clip": 0.5, "dp_sigma": 0.0}
+    assert enclave_program(split) == "fedavg-sparse" and enclave_program(plain) == "fedavg"
     # a client that expects other DP settings refuses this enclave (another measurement)
     ours = client_policy(noisy).allowed_measurements
     assert ours != client_policy(split).allowed_measurements
-    assert ours == [measure_program("fedavg", enclave_config(noisy))]
+    assert ours == [measure_program("fedavg-sparse", enclave_config(noisy))]
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -16,11 +16,15 @@ ECALLs over the channel only: ``submit`` (an update for round ``round + 1``), ``
 global adapter). ECALLs from the host only (in the clear, no tensors): ``aggregate``, ``status``.
 
 Program config (part of the measurement, so clients verify it): ``max_update_bytes``,
-``min_updates``, and for split clients' SPF deltas ``sparse: true`` with the DP settings
-``dp_clip`` (C, or None) and ``dp_sigma`` (σ): updates are then sparse deltas
+``min_updates``.
+
+The same ECALLs also serve as the ``fedavg-sparse`` program
+(:mod:`~shieldtune.federated.sparse_program`, for split clients' SPF deltas), whose
+measurement includes the SPF delta code and whose config adds the DP settings ``dp_clip``
+(C, or None) and ``dp_sigma`` (σ): updates are then sparse deltas
 (:func:`~shieldtune.federated.aggregate.sparse_state`, masks may differ, empty allowed),
-averaged on the union support by :func:`~shieldtune.federated.aggregate.sparse_fedavg`
-(clip each client's update to C, Gaussian noise from the OS CSPRNG, drawn in the enclave).
+averaged on the union support by :func:`~shieldtune.federated.aggregate.sparse_fedavg` (clip
+each client's update to C, Gaussian noise from the OS CSPRNG, drawn in the enclave).
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ from shieldtune.federated.aggregate import (
 from shieldtune.federated.dp import check_dp
 from shieldtune.tee.program import EnclaveContext, EnclaveProgram, loaded_modules
 
-__all__ = ["PROGRAM", "NAME"]
+__all__ = ["PROGRAM", "NAME", "SPARSE_NAME"]
 
 NAME = "fedavg"
+SPARSE_NAME = "fedavg-sparse"
 PROGRAM = EnclaveProgram(NAME)
 _MAX_REASONS = 16
 _refused: list[str] = []  # refusal reasons of the round in progress (not secret, not sealed)
@@ -56,7 +61,12 @@ def _config_int(ctx: EnclaveContext, key: str) -> int:
 
 
 def _sparse(ctx: EnclaveContext) -> bool:
-    return ctx.config.get("sparse") is True
+    """Whether this is the ``fedavg-sparse`` program (the dense one refuses DP settings)."""
+    if ctx.program == SPARSE_NAME:
+        return True
+    if ctx.config.get("dp_clip") is not None or ctx.config.get("dp_sigma"):
+        raise EnclaveError(f"program config: DP settings need the {SPARSE_NAME!r} program")
+    return False
 
 
 def _dp(ctx: EnclaveContext) -> tuple[float | None, float]:

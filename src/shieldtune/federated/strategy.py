@@ -255,7 +255,43 @@ class SparseFedAvg(ValidatedFedAvg):
         )
 
 
-class AfterTrain(Strategy):
+class _Wrapper(Strategy):
+    """Passes every call on to ``inner``, with ``offset`` added to the round number."""
+
+    def __init__(self, strategy: Strategy, offset: int = 0) -> None:
+        self.inner = strategy
+        self.offset = offset
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's messages for round ``offset + server_round``."""
+        return self.inner.configure_train(self.offset + server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate round ``offset + server_round``."""
+        return self.inner.aggregate_train(self.offset + server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation messages of round ``offset + server_round``."""
+        return self.inner.configure_evaluate(self.offset + server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation of round ``offset + server_round``."""
+        return self.inner.aggregate_evaluate(self.offset + server_round, replies)
+
+
+class AfterTrain(_Wrapper):
     """A strategy that runs ``hook(server_round)`` after each round's training is aggregated.
 
     What the hook returns (a dict, or None) is emitted as an ``after_train`` event through
@@ -273,17 +309,8 @@ class AfterTrain(Strategy):
         hook: Callable[[int], dict[str, Any] | None],
         emit: Callable[..., None] | None = None,
     ) -> None:
-        self.inner, self.hook, self.emit = strategy, hook, emit
-
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As the wrapped strategy."""
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        super().__init__(strategy)
+        self.hook, self.emit = hook, emit
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -295,20 +322,8 @@ class AfterTrain(Strategy):
             self.emit(kind="after_train", round=server_round, **info)
         return out
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """As the wrapped strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-
-class ResumedRounds(Strategy):
+class ResumedRounds(_Wrapper):
     """A strategy whose round numbers start after ``done`` completed rounds.
 
     Flower's ``Strategy.start`` numbers its rounds 1..N; a federation resumed after ``done``
@@ -322,34 +337,10 @@ class ResumedRounds(Strategy):
     """
 
     def __init__(self, strategy: Strategy, done: int) -> None:
-        self.inner = strategy
+        super().__init__(strategy, done)
         self.done = done
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
         log.info("resuming after round %d", self.done)
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The wrapped strategy's messages for round ``done + server_round``."""
-        return self.inner.configure_train(self.done + server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate round ``done + server_round``."""
-        return self.inner.aggregate_train(self.done + server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluation messages of round ``done + server_round``."""
-        return self.inner.configure_evaluate(self.done + server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Aggregate the evaluation of round ``done + server_round``."""
-        return self.inner.aggregate_evaluate(self.done + server_round, replies)

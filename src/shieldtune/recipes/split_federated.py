@@ -12,8 +12,8 @@ train against one split server concurrently, each over its own session, for
               evaluation:   every client: front := base + Δ_r, its test share through the server
 
 ``split`` (secure) puts the back slice in the ``split-server`` enclave behind the gRPC relay
-(attested channel per client), and the aggregation in a ``fedavg`` enclave whose measured
-config says ``sparse`` and the DP settings; clients seal their deltas to it
+(attested channel per client), and the aggregation in a ``fedavg-sparse`` enclave whose measured
+config holds the DP settings; clients seal their deltas to it
 (:class:`~shieldtune.federated.mods.SealedUpdateMod`) and Flower carries ciphertext only.
 ``plain-split`` is the same code with those wrappers removed: the same server program in this
 process (:class:`~shieldtune.split.local.LocalSplitServer`), the same aggregation in the clear
@@ -40,7 +40,7 @@ from flwr.app import Message
 
 from shieldtune.config import RunConfig
 from shieldtune.federated.client_app import LocalTraining, build_client_app
-from shieldtune.federated.deploy import ENCLAVE_PROGRAM, client_policy, enclave_config
+from shieldtune.federated.deploy import client_policy, enclave_config, enclave_program
 from shieldtune.federated.partition import client_shares
 from shieldtune.federated.server_app import build_server_app
 from shieldtune.federated.simulation import run_simulation
@@ -235,7 +235,7 @@ def _secure_side(
     service = SplitService(program, backend=BACKEND, audit=split_audit, limits=limits)
     aggregator = create_enclave(
         BACKEND,
-        ENCLAVE_PROGRAM,
+        enclave_program(cfg),
         enclave_config(cfg),
         audit=fed_audit,
         memory_budget_mb=f.enclave_memory_mb,

@@ -299,12 +299,14 @@ ENCLAVE_PROGRAMS.register(
         ),
     ),
 )
+_FEDAVG = ("shieldtune.federated.aggregate", "shieldtune.federated.dp")
+ENCLAVE_PROGRAMS.register("fedavg", ProgramSpec("shieldtune.federated.enclave_program", _FEDAVG))
 ENCLAVE_PROGRAMS.register(
-    "fedavg",
+    "fedavg-sparse",
     ProgramSpec(
-        "shieldtune.federated.enclave_program",
+        "shieldtune.federated.sparse_program",
         # sparse (SPF) updates load the SPF delta code, and with it the adapter package
-        ("shieldtune.federated.aggregate", "shieldtune.federated.dp", *_MODEL_AND_TRAINING),
+        ("shieldtune.federated.enclave_program", *_FEDAVG, *_MODEL_AND_TRAINING),
     ),
 )
 
