@@ -12,8 +12,8 @@ train against one split server concurrently, each over its own session, for
               evaluation:   every client: front := base + Δ_r, its test share through the server
 
 ``split`` (secure) puts the back slice in the ``split-server`` enclave behind the gRPC relay
-(attested channel per client), and the aggregation in a ``fedavg-sparse`` enclave whose measured
-config holds the DP settings; clients seal their deltas to it
+(attested channel per client), and the aggregation in a ``fedavg-sparse`` enclave whose
+measured config holds the DP settings; clients seal their deltas to it
 (:class:`~shieldtune.federated.mods.SealedUpdateMod`) and Flower carries ciphertext only.
 ``plain-split`` is the same code with those wrappers removed: the same server program in this
 process (:class:`~shieldtune.split.local.LocalSplitServer`), the same aggregation in the clear
@@ -164,7 +164,7 @@ def run_split_federated(
                 audit.assert_nothing_clear(pattern)
             run.write_text(audit_file, "".join(c.to_json() + "\n" for c in audit.records))
         final = run.finish(summary)
-        side.save(final)  # sealed again where the finished folder puts it (rollback counter)
+        side.reseal(final)  # split: sealed again where the finished folder is (rollback counter)
     except BaseException:
         run.abort()
         raise
@@ -188,6 +188,7 @@ class _Side:
         save: Stores the server adapter in a run folder (sealed in split); returns summary
             entries.
         audits: Audit log file name -> the enclave boundary's audit log (split).
+        reseal: Seals the server state again into the finished run folder (split).
     """
 
     strategy: Any
@@ -196,6 +197,7 @@ class _Side:
     host: Callable[[str], Any]
     save: Callable[[Path], dict[str, Any]]
     audits: dict[str, Any] = field(default_factory=dict)
+    reseal: Callable[[Path], Any] = lambda path: None
 
 
 def _plain_side(
@@ -210,8 +212,6 @@ def _plain_side(
         return Link(remote, close)
 
     def save(path: Path) -> dict[str, Any]:
-        if (path / "back_adapter").exists():
-            return {}
         server.save_adapter(path / "back_adapter", base_model=str(program["model"]))
         return {}
 
@@ -231,7 +231,7 @@ def _secure_side(
 
     s, f = cfg.split, cfg.federated
     split_audit, fed_audit = AuditLog(), AuditLog()
-    limits = RelayLimits(max_sessions=s.clients + 4, idle_timeout_s=3 * f.round_timeout_s)
+    limits = RelayLimits(max_sessions=max(16, s.clients + 4), idle_timeout_s=3 * f.round_timeout_s)
     service = SplitService(program, backend=BACKEND, audit=split_audit, limits=limits)
     aggregator = create_enclave(
         BACKEND,
@@ -250,7 +250,8 @@ def _secure_side(
         pending = pool.submit(start_aggregation)
         service.start()
         strategy = pending.result()
-    log.warning("split run: server TEE %s, aggregation TEE %s", service.tee, SIMULATED_TEE)
+    fed_tee = SIMULATED_TEE if aggregator.simulated else "hardware"
+    log.warning("split run: server TEE %s, aggregation TEE %s", service.tee, fed_tee)
     keys = [k for k in [service.platform_public_key] if k]
     split_trust = split_policy(
         program, allow_simulated=s.allow_simulated, simulated_platform_keys=keys
@@ -269,7 +270,7 @@ def _secure_side(
         return {
             "tee": service.tee,
             "enclave_measurement": service.measurement,
-            "aggregation_tee": SIMULATED_TEE if aggregator.simulated else "hardware",
+            "aggregation_tee": fed_tee,
             "aggregation_measurement": aggregator.measurement,
             "back_adapter": f"{SEALED_FILE} (sealed to the enclave measurement)",
             "audit_crossings": len(split_audit.records) + len(fed_audit.records),
@@ -282,6 +283,7 @@ def _secure_side(
         lambda name: service.enclave.call(name),
         save,
         {"enclave_audit.jsonl": split_audit, "audit.jsonl": fed_audit},
+        lambda path: service.seal(path / SEALED_FILE),
     )
 
 

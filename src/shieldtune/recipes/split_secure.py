@@ -8,6 +8,9 @@ plain-split layout, except that the server adapter is never written in the clear
 as the enclave's *sealed* state (``back_adapter.sealed``), readable only by the same enclave
 build.
 
+With ``split.clients > 1`` many clients train against the enclave at once, federated over
+Flower (:mod:`~shieldtune.recipes.split_federated`, shared with plain-split).
+
 On machines without TEE hardware the enclave is a SIMULATION (no hardware protection); the run
 refuses to start unless ``split.allow_simulated: true`` and labels itself simulated in its
 logs and summary.
