@@ -45,7 +45,7 @@ from shieldtune.federated.partition import client_shares
 from shieldtune.federated.server_app import build_server_app
 from shieldtune.federated.simulation import run_simulation
 from shieldtune.federated.strategy import AfterTrain, SparseFedAvg
-from shieldtune.recipes._common import Prepared, open_run, prepare
+from shieldtune.recipes._common import Prepared, open_run, passive_threads, prepare
 from shieldtune.recipes.federated import node_trainer_factory, round_logger
 from shieldtune.recipes.split_clients import Link, SplitSettings, SplitTrainer
 from shieldtune.recipes.split_secure import BACKEND, SEALED_FILE, check_simulated_opt_in
@@ -246,7 +246,7 @@ def _secure_side(
     def start_aggregation() -> EnclaveAggregation:  # (its status call loads the SPF code)
         return EnclaveAggregation(plain, aggregator.start(), handshake_timeout_s=f.round_timeout_s)
 
-    with ThreadPoolExecutor(1) as pool:  # both enclaves come up at once
+    with passive_threads(), ThreadPoolExecutor(1) as pool:  # both enclaves come up at once
         pending = pool.submit(start_aggregation)
         service.start()
         strategy = pending.result()
