@@ -103,7 +103,7 @@ class TrainConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """Where the model is cut and what trains on each side (plain-split)."""
+    """Where the model is cut, what trains on each side, and how many clients (split modes)."""
 
     cut: int = Field(2, ge=0, description="layers run by the front slice")
     front_adapter: dict[str, Any] | None = Field(
@@ -117,6 +117,56 @@ class SplitConfig(_Strict):
         description="split: accept a SIMULATED server enclave (no hardware protection); "
         "development and testing only",
     )
+    clients: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="split clients, each with its own share of the training split (partitioned "
+        "by federated.partition / alpha / partition_seed). Above 1 the run is federated on "
+        "Flower: federated.rounds, local_epochs, min_clients, round_timeout_s and workers set "
+        "the schedule (federated.num_clients, train.epochs and train.max_steps are not used)",
+    )
+    server_adapter: Literal["shared", "per_client"] = Field(
+        "shared",
+        description="clients > 1: one server-side adapter updated by every client's steps "
+        "(shared), or one per client session, averaged by examples after each round "
+        "(per_client)",
+    )
+    dp_clip: float | None = Field(
+        None,
+        gt=0,
+        description="clients > 1: clip each client's SPF delta update to this L2 norm before "
+        "averaging (DP; inside the server's aggregation enclave in split). None: no DP",
+    )
+    dp_sigma: float = Field(
+        0.0,
+        ge=0,
+        description="clients > 1: DP noise multiplier σ: N(0, (σ·dp_clip·largest weight "
+        "share)²) is added on the union support of the deltas (the indices are not covered)",
+    )
+
+    @model_validator(mode="after")
+    def _multi_client_options(self) -> SplitConfig:
+        problems = []
+        if self.dp_sigma > 0 and self.dp_clip is None:
+            problems.append(
+                f"split.dp_sigma is {self.dp_sigma} but split.dp_clip is not set: DP noise needs "
+                "a clipping bound; set split.dp_clip (e.g. 1.0) or split.dp_sigma to 0"
+            )
+        if self.clients == 1:
+            if self.server_adapter != "shared":
+                problems.append(
+                    "split.server_adapter: 'per_client' needs split.clients > 1 (with one "
+                    "client its adapter is the shared one); set split.clients or use 'shared'"
+                )
+            if self.dp_clip is not None or self.dp_sigma > 0:
+                problems.append(
+                    "split.dp_clip / split.dp_sigma: DP applies to the averaged SPF deltas of "
+                    "split.clients > 1; set split.clients above 1 or remove them"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class FederatedConfig(_Strict):
@@ -254,6 +304,8 @@ def validate(data: dict[str, Any]) -> RunConfig:
     specs = [("adapter", cfg.adapter)]
     if cfg.mode in ("plain-split", "split") and cfg.split.front_adapter is not None:
         specs.append(("split.front_adapter", cfg.split.front_adapter))
+    if cfg.mode in ("plain-split", "split") and cfg.split.clients > 1:
+        problems.extend(_multi_split_problems(cfg))
     for where, spec in specs:
         try:
             adapter_settings(spec, where)
@@ -262,6 +314,24 @@ def validate(data: dict[str, Any]) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _multi_split_problems(cfg: RunConfig) -> list[str]:
+    """Cross-section checks of a split run with several clients."""
+    s, f = cfg.split, cfg.federated
+    problems = []
+    if f.min_clients > s.clients:
+        problems.append(
+            f"federated.min_clients ({f.min_clients}) exceeds split.clients ({s.clients}); "
+            "a round could never complete"
+        )
+    front = (s.front_adapter or {}).get("method", "spf")
+    if front != "spf":
+        problems.append(
+            f"split.front_adapter.method: {front!r} cannot be averaged across split clients; "
+            "accepted with split.clients > 1: spf (or no front adapter)"
+        )
+    return problems
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -23,11 +23,11 @@ def enclave_factory(platform_key: Path) -> Iterator[Callable[..., Any]]:
     """Starts ``fedavg`` enclaves (stopped after the test) with an audit log each."""
     started = []
 
-    def make(config: dict | None = None):
+    def make(config: dict | None = None, program: str = "fedavg"):
         audit = AuditLog()
         enc = create_enclave(
             "simulated",
-            "fedavg",
+            program,
             config or ENCLAVE_CONFIG,
             platform_key=platform_key,
             audit=audit,

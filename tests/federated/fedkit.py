@@ -70,12 +70,14 @@ def fake_trainers(behaviours: dict[int, dict[int, str]] | None = None):
     return trainer_for, built
 
 
-def client_policy(enclave, config: dict | None = None, **overrides) -> Policy:
+def client_policy(
+    enclave, config: dict | None = None, program: str = "fedavg", **overrides
+) -> Policy:
     """What a client trusts: the measurement it computes itself from its copy of the code."""
     fields = {
         "allow_simulated": True,
         "simulated_platform_keys": [enclave.platform.public_key_hex],
-        "allowed_measurements": [measure_program("fedavg", config or ENCLAVE_CONFIG)],
+        "allowed_measurements": [measure_program(program, config or ENCLAVE_CONFIG)],
         **overrides,
     }
     return Policy(**fields)

@@ -148,3 +148,55 @@ def tiny_batch(seed: int = 0, batch: int = 4, seq: int = 10) -> dict[str, torch.
     ids[mask == 0] = 0
     labels = torch.randint(0, 2, (batch,), generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- several clients
+@pytest.fixture(scope="session")
+def multi_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller table for the runs with several clients (32 training rows, 8 test rows)."""
+    return write_keyword_table(tmp_path_factory.mktemp("data") / "kw40.csv", rows=40)
+
+
+def multi_config(out: Path, table: Path, *extra: str) -> Any:
+    """A split run of 2 tiny-llama clients, 2 rounds of 1 local epoch, SPF (gradient) + LoRA."""
+    from _tiny import table_overrides
+
+    from shieldtune.config import load_config
+
+    return load_config(
+        None,
+        [
+            *table_overrides(table),
+            "data.max_length=32",
+            "data.max_test_examples=8",
+            "model.name=tiny-llama",
+            "adapter={method: lora, rank: 4}",
+            "split.cut=2",
+            "split.front_adapter={method: spf, density: 0.05, saliency: gradient, "
+            "warmup_batches: 2}",
+            "split.clients=2",
+            "split.allow_simulated=true",
+            "federated.rounds=2",
+            "federated.min_clients=2",
+            "train.batch_size=8",
+            "train.lr=0.003",
+            f"output_dir={out}",
+            *extra,
+        ],
+    )
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The run's metrics lines."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def client_losses(run: Path) -> dict[tuple[int, int, int], float]:
+    """(client, round, step) -> loss of every split step of a federated split run."""
+    return {
+        (r["client"], r["round"], r["step"]): r["loss"]
+        for r in read_metrics(run)
+        if r["kind"] == "client_step"
+    }

@@ -38,8 +38,14 @@ __all__ = [
     "LocalTraining",
     "AdapterTrainer",
     "build_client_app",
+    "shuffle_seed",
     "HANDSHAKE_ACTIONS",
 ]
+
+
+def shuffle_seed(seed: int, partition: int, server_round: int) -> int:
+    """The seed a client shuffles its share with in a round (epoch-mixed by ``batches``)."""
+    return seed + 7919 * partition + 104729 * server_round
 
 
 class Trainer(Protocol):
@@ -152,7 +158,7 @@ class AdapterTrainer:
         total, count = 0.0, 0
         self.whole.train()
         for epoch in range(self.s.epochs):
-            seed = self.s.seed + 7919 * self.partition + 104729 * rnd
+            seed = shuffle_seed(self.s.seed, self.partition, rnd)
             for batch in batches(
                 self.train, self.s.batch_size, shuffle=True, seed=seed, epoch=epoch
             ):

@@ -34,11 +34,13 @@ from shieldtune.errors import ConfigError
 
 __all__ = [
     "ENCLAVE_PROGRAM",
+    "SPARSE_ENCLAVE_PROGRAM",
     "SECURE_MODES",
     "PollingGrid",
     "wait_for_nodes",
     "write_app_bundle",
     "enclave_config",
+    "enclave_program",
     "client_policy",
     "federation_fingerprint",
     "check_fingerprint",
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 ENCLAVE_PROGRAM = "fedavg"
+#: The aggregation program of split clients' SPF deltas (the split modes).
+SPARSE_ENCLAVE_PROGRAM = "fedavg-sparse"
 #: Modes whose aggregation runs in the server's ``fedavg`` enclave.
 SECURE_MODES = ("secure-fedavg", "shielded-fedavg")
 
@@ -198,23 +202,42 @@ def write_app_bundle(
 
 
 # ---------------------------------------------------------------------- agreement
-def enclave_config(cfg: RunConfig) -> dict[str, int]:
-    """The ``fedavg`` enclave program's config (part of its measurement)."""
+def _split(cfg: RunConfig) -> bool:
+    return cfg.mode in ("split", "plain-split")
+
+
+def enclave_program(cfg: RunConfig) -> str:
+    """The aggregation enclave's program: ``fedavg``, or ``fedavg-sparse`` for split modes."""
+    return SPARSE_ENCLAVE_PROGRAM if _split(cfg) else ENCLAVE_PROGRAM
+
+
+def enclave_config(cfg: RunConfig) -> dict[str, Any]:
+    """The aggregation enclave program's config (part of its measurement).
+
+    Split modes aggregate their clients' SPF deltas (``fedavg-sparse``), with the DP settings.
+    """
     f = cfg.federated
-    return {"max_update_bytes": int(f.max_update_mb * 2**20), "min_updates": f.min_clients}
+    out: dict[str, Any] = {
+        "max_update_bytes": int(f.max_update_mb * 2**20),
+        "min_updates": f.min_clients,
+    }
+    if _split(cfg):
+        out.update(dp_clip=cfg.split.dp_clip, dp_sigma=float(cfg.split.dp_sigma))
+    return out
 
 
 def client_policy(cfg: RunConfig, platform_keys: list[str] | None = None) -> Any:
     """What a client trusts: the ``fedavg`` measurement it computes from its own copy of the
-    code and config, simulated enclaves only with ``federated.allow_simulated``, and (simulated)
-    the platform keys given."""
+    code and config, simulated enclaves only with ``federated.allow_simulated`` (split modes:
+    ``split.allow_simulated``), and (simulated) the platform keys given."""
     from shieldtune.tee.attestation import Policy
     from shieldtune.tee.program import measure_program
 
+    split = _split(cfg)
     return Policy(
-        allow_simulated=cfg.federated.allow_simulated,
+        allow_simulated=cfg.split.allow_simulated if split else cfg.federated.allow_simulated,
         simulated_platform_keys=list(platform_keys or []),
-        allowed_measurements=[measure_program(ENCLAVE_PROGRAM, enclave_config(cfg))],
+        allowed_measurements=[measure_program(enclave_program(cfg), enclave_config(cfg))],
     )
 
 

@@ -10,8 +10,14 @@ the round keeps the previous global adapter.
 
 Every round's outcome goes to ``on_event`` (the recipe writes it to ``metrics.jsonl``).
 
+:class:`SparseFedAvg` is the same for sparse SPF deltas whose masks differ (split clients):
+union-support averaging with the optional DP of
+:func:`~shieldtune.federated.aggregate.sparse_fedavg`.
+
 :class:`ResumedRounds` wraps any strategy so that Flower's round loop (which always counts from
-1) runs the federation's rounds ``done + 1, done + 2, ...`` after a restart.
+1) runs the federation's rounds ``done + 1, done + 2, ...`` after a restart. :class:`AfterTrain`
+wraps any strategy to run a hook once a round's training is aggregated (split's per-client
+server adapters are averaged there).
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from shieldtune.federated.aggregate import Spec, fedavg, screen_updates, spec_of
+from shieldtune.federated.aggregate import Spec, fedavg, screen_updates, sparse_fedavg, spec_of
 from shieldtune.federated.codec import from_array_record, to_array_record
 
-__all__ = ["ValidatedFedAvg", "ResumedRounds", "Event"]
+__all__ = ["ValidatedFedAvg", "SparseFedAvg", "ResumedRounds", "AfterTrain", "Event"]
 
 log = logging.getLogger("shieldtune.federated")
 Event = Callable[[dict[str, Any]], None]
@@ -108,11 +114,11 @@ class ValidatedFedAvg(FedAvg):
                 valid.append(msg)
         return valid
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen each update, FedAvg the accepted ones (None when fewer than ``min_clients``)."""
-        replies = list(replies)
+    def screened(
+        self, server_round: int, replies: list[Message], *, sparse: bool = False
+    ) -> tuple[list[Message], list[tuple[dict, float]], list[int]]:
+        """``(valid replies, their (update, weight) pairs, accepted positions)``; each refused
+        update is reported."""
         valid = self.dropped(server_round, replies)
         updates = []
         for msg in valid:
@@ -123,10 +129,19 @@ class ValidatedFedAvg(FedAvg):
                 state, weight = {}, 0.0
                 log.warning("malformed reply from %s: %s", msg.metadata.src_node_id, err)
             updates.append((state, weight))
-        accepted, refused = screen_updates(updates, self.spec, self.max_update_bytes)
+        spec = None if sparse else self.spec
+        accepted, refused = screen_updates(updates, spec, self.max_update_bytes, sparse=sparse)
         for i, reason in refused.items():
             node = valid[i].metadata.src_node_id
             self.emit(kind="refused", round=server_round, node=node, reason=reason)
+        return valid, updates, accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen each update, FedAvg the accepted ones (None when fewer than ``min_clients``)."""
+        replies = list(replies)
+        valid, updates, accepted = self.screened(server_round, replies)
         return self.finish_round(
             server_round,
             len(replies),
@@ -191,7 +206,124 @@ class ValidatedFedAvg(FedAvg):
         return metrics
 
 
-class ResumedRounds(Strategy):
+class SparseFedAvg(ValidatedFedAvg):
+    """:class:`ValidatedFedAvg` for sparse SPF deltas: union support, optional DP.
+
+    Args:
+        min_clients: Fewest accepted updates a round needs.
+        fraction: Share of the nodes sampled per round.
+        max_update_bytes: Size limit of one delta.
+        on_event: Receives the round outcomes.
+        dp_clip: C, the L2 bound of one client's update (None: no DP).
+        dp_sigma: σ, the noise multiplier (noise from the OS CSPRNG).
+    """
+
+    def __init__(
+        self,
+        min_clients: int = 2,
+        fraction: float = 1.0,
+        max_update_bytes: int | None = None,
+        on_event: Event | None = None,
+        *,
+        dp_clip: float | None = None,
+        dp_sigma: float = 0.0,
+    ) -> None:
+        super().__init__(min_clients, fraction, max_update_bytes, on_event)
+        self.dp_clip, self.dp_sigma = dp_clip, dp_sigma
+        self.global_delta: dict[str, Any] = {}  # the last global delta (the DP reference)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen each delta, average the accepted ones on their union support."""
+        replies = list(replies)
+        valid, updates, accepted = self.screened(server_round, replies, sparse=True)
+
+        def new_arrays() -> ArrayRecord:
+            self.global_delta = sparse_fedavg(
+                [updates[i] for i in accepted],
+                self.global_delta,
+                clip=self.dp_clip,
+                sigma=self.dp_sigma,
+                max_bytes=self.max_update_bytes,
+            )
+            return to_array_record(self.global_delta)
+
+        contributors = [valid[i] for i in accepted]
+        return self.finish_round(
+            server_round, len(replies), len(accepted), new_arrays, contributors
+        )
+
+
+class _Wrapper(Strategy):
+    """Passes every call on to ``inner``, with ``offset`` added to the round number."""
+
+    def __init__(self, strategy: Strategy, offset: int = 0) -> None:
+        self.inner = strategy
+        self.offset = offset
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's messages for round ``offset + server_round``."""
+        return self.inner.configure_train(self.offset + server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate round ``offset + server_round``."""
+        return self.inner.aggregate_train(self.offset + server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation messages of round ``offset + server_round``."""
+        return self.inner.configure_evaluate(self.offset + server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation of round ``offset + server_round``."""
+        return self.inner.aggregate_evaluate(self.offset + server_round, replies)
+
+
+class AfterTrain(_Wrapper):
+    """A strategy that runs ``hook(server_round)`` after each round's training is aggregated.
+
+    What the hook returns (a dict, or None) is emitted as an ``after_train`` event through
+    ``emit`` when given.
+
+    Args:
+        strategy: The strategy to run.
+        hook: Called once per round, after ``aggregate_train`` (also when the round failed).
+        emit: Event sink (e.g. the plain strategy's ``emit``).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        hook: Callable[[int], dict[str, Any] | None],
+        emit: Callable[..., None] | None = None,
+    ) -> None:
+        super().__init__(strategy)
+        self.hook, self.emit = hook, emit
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's aggregation, then the hook."""
+        out = self.inner.aggregate_train(server_round, replies)
+        info = self.hook(server_round)
+        if info is not None and self.emit is not None:
+            self.emit(kind="after_train", round=server_round, **info)
+        return out
+
+
+class ResumedRounds(_Wrapper):
     """A strategy whose round numbers start after ``done`` completed rounds.
 
     Flower's ``Strategy.start`` numbers its rounds 1..N; a federation resumed after ``done``
@@ -205,34 +337,10 @@ class ResumedRounds(Strategy):
     """
 
     def __init__(self, strategy: Strategy, done: int) -> None:
-        self.inner = strategy
+        super().__init__(strategy, done)
         self.done = done
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
         log.info("resuming after round %d", self.done)
         self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The wrapped strategy's messages for round ``done + server_round``."""
-        return self.inner.configure_train(self.done + server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate round ``done + server_round``."""
-        return self.inner.aggregate_train(self.done + server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluation messages of round ``done + server_round``."""
-        return self.inner.configure_evaluate(self.done + server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Aggregate the evaluation of round ``done + server_round``."""
-        return self.inner.aggregate_evaluate(self.done + server_round, replies)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ __all__ = [
     "seed_everything",
     "batch_forward_args",
     "answer_evaluation",
+    "passive_threads",
 ]
 
 
@@ -127,3 +131,20 @@ def open_run(cfg: RunConfig) -> RunDir:
 def batch_forward_args(batch: dict[str, torch.Tensor]) -> tuple[Any, ...]:
     """(input_ids, attention_mask, token_type_ids) of a batch."""
     return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+
+
+@contextmanager
+def passive_threads(on: bool = True) -> Iterator[None]:
+    """Launch enclaves (or workers) with sleeping, not spinning, idle OpenMP threads.
+
+    Processes that take turns on the same cores (a client and its server enclave) otherwise
+    burn each other's time spinning between calls: a tiny federated split run took 20× longer.
+    """
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if on and saved is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read once, at the enclave's launch
+    try:
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)

@@ -78,6 +78,7 @@ __all__ = [
     "check_secure_opt_in",
     "ENCLAVE_PROGRAM",
     "SEALED_STATE",
+    "round_logger",
 ]
 
 SEALED_STATE = "server_state.sealed"
@@ -194,7 +195,7 @@ class _Server:
     stopped: bool = False
 
 
-def _logger(
+def round_logger(
     run: RunDir,
     cfg: RunConfig,
     on_progress: Callable[[dict[str, Any]], None] | None,
@@ -202,7 +203,8 @@ def _logger(
     events: list[dict[str, Any]],
     done: int = 0,
 ):
-    """Turn strategy events into metrics lines, history and progress updates."""
+    """Turn strategy events into metrics lines, history and progress updates (``eval`` lines,
+    one ``train`` line per aggregated round, every other event as it is)."""
     started = time.perf_counter()
     rounds = cfg.federated.rounds
 
@@ -374,7 +376,7 @@ def _open_server(
     else:
         run = open_run(cfg)
     try:
-        on_event = _logger(run, cfg, on_progress, history, events, done)
+        on_event = round_logger(run, cfg, on_progress, history, events, done)
         plain = ValidatedFedAvg(
             f.min_clients, f.fraction, int(f.max_update_mb * 2**20), on_event=on_event
         )

@@ -4,6 +4,9 @@ The client side runs the front slice (embeddings + layers 1..k, optionally SPF);
 runs the back slice (layers k+1..L + head) with its adapter. The cut is explicit: the hidden
 states are detached where they would be sent, and their gradient is handed back, exactly as the
 secure split mode does over its channel, so the two differ only by the protection.
+
+With ``split.clients > 1`` the run is federated over Flower
+(:mod:`~shieldtune.recipes.split_federated`, shared with the secure mode).
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def run_plain_split(
     Returns:
         The completed run folder.
     """
+    if cfg.split.clients > 1:
+        from shieldtune.recipes.split_federated import run_split_federated
+
+        return run_split_federated(cfg, on_progress)
     # setup
     prep = prepare(cfg)
     model, task, train_cfg = prep.loaded.model, cfg.model.task, cfg.train

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from shieldtune.config import RunConfig
 from shieldtune.crypto.framing import MetaValue
 from shieldtune.errors import ConfigError, IntegrityError
-from shieldtune.recipes._common import answer_evaluation, open_run, prepare
+from shieldtune.recipes._common import answer_evaluation, open_run, passive_threads, prepare
 from shieldtune.report import plot_metrics
 from shieldtune.shielded.program import PROGRAM_NAME
 from shieldtune.shielded.worker import AcceleratorProcess
@@ -150,7 +149,7 @@ def open_party(
     try:
         if accel is not None:
             accel.start()
-        with _passive_threads(accel is not None):
+        with passive_threads(accel is not None):
             enclave.start()
         platform_key = getattr(getattr(enclave, "platform", None), "public_key_hex", None)
         policy = Policy(
@@ -171,20 +170,6 @@ def open_party(
         enclave.stop()
         if accel is not None:
             accel.stop()
-
-
-@contextmanager
-def _passive_threads(on: bool) -> Iterator[None]:
-    """Launch the enclave with sleeping (not spinning) idle OpenMP threads: it and the worker
-    take turns on the same cores."""
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    if on and saved is None:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read once, at the enclave's launch
-    try:
-        yield
-    finally:
-        if on and saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 def _forward_tensors(

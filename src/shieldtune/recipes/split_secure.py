@@ -8,6 +8,9 @@ plain-split layout, except that the server adapter is never written in the clear
 as the enclave's *sealed* state (``back_adapter.sealed``), readable only by the same enclave
 build.
 
+With ``split.clients > 1`` many clients train against the enclave at once, federated over
+Flower (:mod:`~shieldtune.recipes.split_federated`, shared with plain-split).
+
 On machines without TEE hardware the enclave is a SIMULATION (no hardware protection); the run
 refuses to start unless ``split.allow_simulated: true`` and labels itself simulated in its
 logs and summary.
@@ -39,11 +42,25 @@ from shieldtune.tee.audit import AuditLog
 from shieldtune.training import evaluate, fit, make_optim
 from shieldtune.training.rng import CLIENT_STREAM, RngStream
 
-__all__ = ["run_split_secure", "SEALED_FILE"]
+__all__ = ["run_split_secure", "check_simulated_opt_in", "SEALED_FILE", "BACKEND"]
 
 log = logging.getLogger("shieldtune.split")
 SEALED_FILE = "back_adapter.sealed"
 BACKEND = "simulated"  # the only backend these machines have; hardware backends slot in here
+
+
+def check_simulated_opt_in(cfg: RunConfig) -> None:
+    """Refuse a simulated server enclave unless ``split.allow_simulated`` is set.
+
+    Raises:
+        ConfigError: The enclave would be simulated and ``split.allow_simulated`` is false.
+    """
+    if BACKEND == "simulated" and not cfg.split.allow_simulated:
+        raise ConfigError(
+            "split.allow_simulated: the server enclave on this machine is SIMULATED (no "
+            "hardware protection) and split.allow_simulated is false; set it to true for "
+            "development and testing only"
+        )
 
 
 def run_split_secure(
@@ -58,12 +75,11 @@ def run_split_secure(
         ConfigError: The enclave would be simulated and ``split.allow_simulated`` is false.
         AttestationError: The server enclave failed verification.
     """
-    if BACKEND == "simulated" and not cfg.split.allow_simulated:
-        raise ConfigError(
-            "split.allow_simulated: the server enclave on this machine is SIMULATED (no "
-            "hardware protection) and split.allow_simulated is false; set it to true for "
-            "development and testing only"
-        )
+    if cfg.split.clients > 1:
+        from shieldtune.recipes.split_federated import run_split_federated
+
+        return run_split_federated(cfg, on_progress)
+    check_simulated_opt_in(cfg)
     # setup: client side (the whole model is loaded, only the front slice is used)
     prep = prepare(cfg)
     t, task = cfg.train, cfg.model.task

@@ -62,6 +62,7 @@ def program_config(
     wire_dtype: str = "float32",
     allow_export: bool = False,
     max_tokens: int = 1 << 20,
+    server_adapter: str = "shared",
 ) -> dict[str, MetaValue]:
     """The ``split-server`` config (measured: clients verify exactly these settings).
 
@@ -78,6 +79,8 @@ def program_config(
         wire_dtype: ``float32`` or ``bfloat16``.
         allow_export: Whether ``export_adapter`` may return the adapter to a client.
         max_tokens: Most B·T per request.
+        server_adapter: ``shared`` (one adapter for every client) or ``per_client`` (one per
+            session, averaged by the host's ``average`` call).
     """
     return {
         "model": model,
@@ -96,6 +99,7 @@ def program_config(
         "wire_dtype": wire_dtype,
         "allow_export": bool(allow_export),
         "max_tokens": int(max_tokens),
+        "server_adapter": server_adapter,
     }
 
 

@@ -3,8 +3,11 @@
 An enclave program is a module of the project that defines ``PROGRAM = EnclaveProgram(name)``
 and registers its ECALLs with ``@PROGRAM.ecall("name")``. Each ECALL takes the
 :class:`EnclaveContext` and the request :class:`~shieldtune.crypto.framing.Frame`, and returns a
-response frame. The host resolves programs by name through :data:`ENCLAVE_PROGRAMS` (never by a
-dotted path taken from a config).
+response frame. An ECALL may be reachable from the host in the clear, through a client's attested
+channel (then ``ctx.session`` names that channel session), or both; the runtime refuses the
+other way in. ``@PROGRAM.on_close`` registers what to forget when a channel session closes.
+The host resolves programs by name through :data:`ENCLAVE_PROGRAMS` (never by a dotted path
+taken from a config).
 
 Measurement (simulated backend) = SHA-256 over the source of every module the enclave process
 runs (the runtime, framing, channel, sealing, this file, the program, the modules it declares and
@@ -38,9 +41,11 @@ __all__ = [
     "measure_program",
     "measured_modules",
     "canonical_config",
+    "loaded_modules",
 ]
 
 Ecall = Callable[["EnclaveContext", Frame], Frame]
+SessionHook = Callable[["EnclaveContext", int], None]
 
 #: Modules every enclave process runs: part of every measurement.
 RUNTIME_MODULES: tuple[str, ...] = (
@@ -65,17 +70,55 @@ class EnclaveProgram:
     def __init__(self, name: str) -> None:
         self.name = name
         self.ecalls: dict[str, Ecall] = {}
+        self.ways: dict[str, tuple[bool, bool]] = {}  # name -> (from the host, over a channel)
+        self.closed_hooks: list[SessionHook] = []
 
-    def ecall(self, name: str) -> Callable[[Ecall], Ecall]:
-        """Decorator registering an ECALL under ``name`` (names starting with "_" are reserved)."""
+    def ecall(
+        self, name: str, *, host: bool = True, channel: bool = True
+    ) -> Callable[[Ecall], Ecall]:
+        """Decorator registering an ECALL under ``name`` (names starting with "_" are reserved).
+
+        Args:
+            name: The ECALL's name.
+            host: Whether the host may call it in the clear.
+            channel: Whether a client may call it through the attested channel.
+        """
 
         def register(fn: Ecall) -> Ecall:
-            if not name or name.startswith("_") or name in self.ecalls:
-                raise ValueError(f"ECALL name {name!r} is reserved, empty or already registered")
+            if not name or name.startswith("_") or name in self.ecalls or not (host or channel):
+                raise ValueError(
+                    f"ECALL name {name!r} is reserved, empty, already registered or unreachable"
+                )
             self.ecalls[name] = fn
+            self.ways[name] = (host, channel)
             return fn
 
         return register
+
+    def on_close(self, fn: SessionHook) -> SessionHook:
+        """Decorator: ``fn(ctx, session)`` runs when a channel session closes (or is dropped)."""
+        self.closed_hooks.append(fn)
+        return fn
+
+    def check_way(self, name: str, *, channel: bool) -> None:
+        """Refuse an ECALL reached the way it does not allow (unknown names pass to dispatch).
+
+        Raises:
+            EnclaveError: Naming the ECALL and the only way in.
+        """
+        host_ok, channel_ok = self.ways.get(name, (True, True))
+        if channel and not channel_ok:
+            raise EnclaveError(f"ECALL {name!r} is reserved for the host; a client cannot call it")
+        if not channel and not host_ok:
+            raise EnclaveError(
+                f"ECALL {name!r} is reachable only through a client's attested channel, not "
+                "from the host"
+            )
+
+    def session_closed(self, ctx: EnclaveContext, session: int) -> None:
+        """Run the ``on_close`` hooks for ``session``."""
+        for fn in self.closed_hooks:
+            fn(ctx, session)
 
     def dispatch(self, ctx: EnclaveContext, name: str, request: Frame) -> Frame:
         """Run ECALL ``name``.
@@ -161,6 +204,7 @@ class EnclaveContext:
         state: Enclave-resident tensors (sealed by ``Enclave.seal``), budget-tracked.
         simulated: True in the simulated backend.
         log: Logger for enclave-side messages.
+        session: The channel session of the ECALL in progress (None: a host call).
     """
 
     program: str
@@ -169,6 +213,7 @@ class EnclaveContext:
     state: TrackedState
     simulated: bool
     log: logging.Logger
+    session: int | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +265,12 @@ ENCLAVE_PROGRAMS.register(
     "split-server",
     ProgramSpec(
         "shieldtune.split.server_program",
-        (*_MODEL_AND_TRAINING, "shieldtune.split.protocol", "shieldtune.split.step"),
+        (
+            *_MODEL_AND_TRAINING,
+            "shieldtune.split.protocol",
+            "shieldtune.split.server",
+            "shieldtune.split.step",
+        ),
     ),
 )
 ENCLAVE_PROGRAMS.register(
@@ -249,9 +299,15 @@ ENCLAVE_PROGRAMS.register(
         ),
     ),
 )
+_FEDAVG = ("shieldtune.federated.aggregate", "shieldtune.federated.dp")
+ENCLAVE_PROGRAMS.register("fedavg", ProgramSpec("shieldtune.federated.enclave_program", _FEDAVG))
 ENCLAVE_PROGRAMS.register(
-    "fedavg",
-    ProgramSpec("shieldtune.federated.enclave_program", ("shieldtune.federated.aggregate",)),
+    "fedavg-sparse",
+    ProgramSpec(
+        "shieldtune.federated.sparse_program",
+        # sparse (SPF) updates load the SPF delta code, and with it the adapter package
+        ("shieldtune.federated.enclave_program", *_FEDAVG, *_MODEL_AND_TRAINING),
+    ),
 )
 
 
@@ -260,6 +316,13 @@ def _module_file(module: str) -> Path:
     if spec is None or spec.origin is None:
         raise EnclaveError(f"enclave module {module!r} cannot be found")
     return Path(spec.origin)
+
+
+def loaded_modules() -> list[MetaValue]:
+    """Project modules this process has loaded (in an enclave: all must be measured)."""
+    import sys
+
+    return [m for m in sorted(sys.modules) if m == "shieldtune" or m.startswith("shieldtune.")]
 
 
 def canonical_config(config: Mapping[str, MetaValue]) -> bytes:

@@ -143,7 +143,9 @@ class Runtime:
         return reply
 
     def _call(self, request: Frame) -> Frame:
-        return self._run_ecall(str(request.meta.get("ecall")), request)
+        name = str(request.meta.get("ecall"))
+        self.program.check_way(name, channel=False)
+        return self._run_ecall(name, request)
 
     # ------------------------------------------------------------------ channel
     def _channel_open(self, request: Frame) -> Frame:
@@ -177,11 +179,17 @@ class Runtime:
         try:
             plaintext = session.open(tensor_to_bytes(request.tensors["record"]))
         except ChannelError:
-            del self.sessions[sid]  # the session closed itself; forget it
+            self._forget(sid)  # the session closed itself
             raise
         try:
             inner = decode_frame(plaintext, self.limits)
-            reply = self._run_ecall(str(inner.meta.get("ecall")), inner)
+            name = str(inner.meta.get("ecall"))
+            self.program.check_way(name, channel=True)
+            self.ctx.session = sid
+            try:
+                reply = self._run_ecall(name, inner)
+            finally:
+                self.ctx.session = None
             reply.meta = {"op": "ok", **reply.meta}
             out = encode_frame(reply.meta, reply.tensors, self.limits)
         except Exception as err:  # reported to the client, encrypted; the host learns nothing
@@ -189,9 +197,17 @@ class Runtime:
             out = encode_frame(err_frame.meta)
         return Frame(tensors={"record": bytes_to_tensor(session.seal(out))})
 
+    def _forget(self, sid: int) -> None:
+        """Drop a session and let the program forget what it kept for it."""
+        del self.sessions[sid]
+        try:
+            self.program.session_closed(self.ctx, sid)
+        except Exception as err:  # noqa: BLE001  (a hook's failure must not keep the session)
+            log.warning("closing session %d: %s", sid, err)
+
     def _channel_close(self, request: Frame) -> Frame:
         sid, _ = self._session(request)
-        del self.sessions[sid]
+        self._forget(sid)
         return Frame()
 
     # ------------------------------------------------------------------ quotes

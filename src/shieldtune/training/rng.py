@@ -3,16 +3,24 @@
 In one process (plain-split) the client and server sides would otherwise share torch's global
 generator; in two processes (split) they cannot. Giving each side its own stream makes the
 two modes draw identical dropout masks, so they agree step for step.
+
+A stream borrows torch's process-wide generator while it is active, so several clients training
+in threads of one process (a simulated federation) take :data:`GLOBAL_RNG_LOCK` for that time;
+code that seeds the global generator while others may train holds it too.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["RngStream", "CLIENT_STREAM", "SERVER_STREAM"]
+__all__ = ["RngStream", "CLIENT_STREAM", "SERVER_STREAM", "GLOBAL_RNG_LOCK"]
+
+#: Held while a stream (or other seeding code) owns torch's global generator.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 CLIENT_STREAM = 0  # stream offsets added to the run seed
 SERVER_STREAM = 1
@@ -32,10 +40,11 @@ class RngStream:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Run a block with this stream as the global generator, then restore the global one."""
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = torch.get_rng_state()
-            torch.set_rng_state(saved)
+        with GLOBAL_RNG_LOCK:
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.state)
+            try:
+                yield
+            finally:
+                self.state = torch.get_rng_state()
+                torch.set_rng_state(saved)

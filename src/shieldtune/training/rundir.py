@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,14 @@ class RunDir:
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
         self._metrics = (self.path / "metrics.jsonl").open("a")
+        self._lock = threading.Lock()  # clients of a simulated federation log from threads
 
     def log(self, **record: Any) -> None:
         """Append one metrics record (a JSON line) with the elapsed time."""
         record = {"time_s": round(time.time() - self.started, 3), **record}
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        with self._lock:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a text file inside the run folder."""

@@ -1,4 +1,12 @@
-"""SPF as a slice adapter: saliency-chosen sparse entries train; exported as a sparse delta."""
+"""SPF as a slice adapter: saliency-chosen sparse entries train; exported as a sparse delta.
+
+Federated (several split clients, each with its own mask): :meth:`SPFAdapter.load_global`
+sets the slice to base + a global delta whose support is the union of every client's mask;
+the entries on this client's mask become its trainable values, the others are added to the
+frozen weights. :meth:`SPFAdapter.whole_delta` is then the slice's whole difference from the
+base (the global's entries off the mask plus the trained values), so averaging those deltas
+is FedAvg of the front weights in sparse form.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ from torch import nn
 
 from shieldtune.adapters.base import head_parameters
 from shieldtune.adapters.spf.config import SPFConfig
-from shieldtune.adapters.spf.model import SparseDelta, SPFModel
+from shieldtune.adapters.spf.layer import sparse_add
+from shieldtune.adapters.spf.model import DeltaEntry, SparseDelta, SPFModel
 from shieldtune.errors import ConfigError
 from shieldtune.models.slicing import ModelSlice
 
@@ -50,6 +59,8 @@ class SPFAdapter:
         self._head = head_parameters(slice_)
         for p in self._head:
             p.requires_grad_(True)
+        self._base: dict[str, torch.Tensor] = {}  # weights before a global delta touched them
+        self._off: dict[str, DeltaEntry] = {}  # the loaded global's entries off this mask
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.spf.trainable_parameters(), *self._head]
@@ -57,6 +68,54 @@ class SPFAdapter:
     def delta(self) -> SparseDelta:
         """The sparse delta trained so far (indices + values per target weight)."""
         return self.spf.export_delta()
+
+    @torch.no_grad()
+    def load_global(self, delta: SparseDelta) -> None:
+        """Set the slice to base + ``delta``; train on from there (see the module docstring).
+
+        Raises:
+            IntegrityError: The delta is corrupt.
+            ConfigError: A parameter is missing or differs in shape or dtype.
+        """
+        delta.validate()
+        own = self.spf.indices  # name -> (nnz,) trained positions
+        values = dict(zip(own, self.spf.trainable_parameters(), strict=True))
+        for name in self._off:  # the previous global's off-mask entries go
+            self.spf.base_weight(name).copy_(self._base[name])
+        self._off = {}
+        for name, v in values.items():
+            if name not in delta.entries:
+                v.zero_()
+        for name, e in delta.entries.items():
+            weight = self.spf.base_weight(name)
+            if tuple(weight.shape) != tuple(e.shape) or weight.dtype != e.values.dtype:
+                raise ConfigError(f"global SPF delta for {name}: {e.shape} does not fit")
+            off = torch.ones(e.indices.numel(), dtype=torch.bool)  # (nnz,)
+            if name in own:
+                on = torch.isin(e.indices, own[name])  # (nnz,) entries on this mask
+                v = torch.zeros_like(values[name])  # (m,)
+                v[torch.searchsorted(own[name], e.indices[on])] = e.values[on]
+                values[name].copy_(v)
+                off = ~on
+            if bool(off.any()):
+                base = self._base.setdefault(name, weight.detach().clone())
+                self._off[name] = DeltaEntry(e.indices[off], e.values[off], e.shape)
+                weight.copy_(sparse_add(base, e.indices[off], e.values[off]))
+
+    def whole_delta(self) -> SparseDelta:
+        """The slice's whole difference from the base: the global's off-mask entries + the
+        trained values (just :meth:`delta` until a global was loaded)."""
+        entries = dict(self.delta().entries)
+        for name, off in self._off.items():
+            own = entries.get(name)
+            if own is None:
+                entries[name] = DeltaEntry(off.indices.clone(), off.values.clone(), off.shape)
+                continue
+            indices = torch.cat([own.indices, off.indices])  # disjoint supports
+            order = torch.argsort(indices)
+            values = torch.cat([own.values, off.values])[order]
+            entries[name] = DeltaEntry(indices[order], values, own.shape)
+        return SparseDelta(entries)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -77,9 +136,10 @@ class SPFAdapter:
                 values.copy_(state[f"{name}.values"])
 
     def save(self, out_dir: Path, *, base_model: str) -> None:
-        """Write ``spf_delta.safetensors`` (indices + values) and ``spf_config.json``."""
+        """Write ``spf_delta.safetensors`` (indices + values of :meth:`whole_delta`) and
+        ``spf_config.json``."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        delta = self.delta()
+        delta = self.whole_delta()
         delta.save(out_dir / DELTA_FILE)
         meta = {
             "method": "spf",

@@ -231,6 +231,14 @@ class SPFModel:
         self._check_live()
         return {name: self._delta(name).spf_indices for name in self._targets}
 
+    def base_weight(self, name: str) -> Tensor:
+        """The frozen weight parameter ``name`` adds its delta to (a plain one if not wrapped)."""
+        self._check_live()
+        if name in self._targets:
+            owner, attr = self._targets[name]
+            return owner.parametrizations[attr].original
+        return self.module.get_parameter(name)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The ``(nnz,)`` value vectors, one per wrapped parameter: all that may train."""
         self._check_live()
