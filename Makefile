@@ -7,6 +7,9 @@ EXTRA_STAMP := $(VENV)/.installed-dev
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# idle OpenMP threads sleep instead of spinning: enclaves, accelerator workers and clients are
+# separate processes sharing few cores
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test test-fast style bench report-deps clean
 
