@@ -40,10 +40,17 @@ from shieldtune.errors import ConfigError, ShieldtuneError
 
 __all__ = ["EPILOG", "join_command"]
 
-EPILOG = """Example (client host 0 of 2; ca.pem copied from the server):
+EPILOG = """Examples (client host 0 of 2; ca.pem copied from the server):
 
   shieldtune join configs/federated/secure_fedavg_tiny.yaml --server fed.example.org:9092
   --certs certs --partition-id 0 --num-partitions 2 --trust-platform-key KEY
+
+  shieldtune join configs/split/spf_lora_tiny.yaml --server fed.example.org:9093
+  --certs certs --trust-platform-key KEY
+
+mode: split verifies the split-server enclave (its measurement computed here from this host's
+code and config), trains this client's front slice against it and writes this client's run
+folder; --client N picks share N of split.clients.
 """
 
 
@@ -70,8 +77,8 @@ def join_command(
     overrides: list[str],
     *,
     server: str,
-    partition_id: int,
-    num_partitions: int,
+    partition_id: int | None,
+    num_partitions: int | None,
     certs: Path | None,
     insecure: bool,
     trusted_keys: list[str],
@@ -79,6 +86,8 @@ def join_command(
     runtime_port: int | None,
     adapter_dir: Path | None,
     worker: bool = True,
+    client: int | None = None,
+    connect_timeout_s: float = 120.0,
 ) -> int:
     """Validate, write this node's private settings, run the SuperNode until interrupted.
 
@@ -88,9 +97,41 @@ def join_command(
     from shieldtune.recipes._common import load_dataset
 
     cfg = load_config(config, overrides)
+    if cfg.mode == "split":
+        from shieldtune.cli.split_deploy import join_split_command
+
+        unused = {
+            "--partition-id": partition_id,
+            "--num-partitions": num_partitions,
+            "--policy": policy_file,
+            "--runtime-port": runtime_port,
+            "--save-adapter": adapter_dir,
+        }
+        given = [name for name, value in unused.items() if value is not None]
+        if given or not worker:
+            given += [] if worker else ["--no-worker"]
+            raise ConfigError(
+                f"{', '.join(given)}: not used by mode split (its share is --client N of "
+                "split.clients; the policy is computed from the config)"
+            )
+        return join_split_command(
+            cfg,
+            server=server,
+            client=client or 0,
+            certs=certs,
+            insecure=insecure,
+            trusted_keys=trusted_keys,
+            connect_timeout_s=connect_timeout_s,
+        )
     if cfg.mode not in ("plain-fedavg", "secure-fedavg"):
         raise ConfigError(
-            f"mode: shieldtune join runs plain-fedavg or secure-fedavg, not {cfg.mode!r}"
+            f"mode: shieldtune join runs split, plain-fedavg or secure-fedavg, not {cfg.mode!r}"
+        )
+    if client is not None:
+        raise ConfigError("--client: mode split only; federated clients take --partition-id")
+    if partition_id is None or num_partitions is None:
+        raise ConfigError(
+            f"{cfg.mode} needs --partition-id and --num-partitions (this client's share)"
         )
     host, port = parse_address(server, "--server")
     if num_partitions < 1:

@@ -1,5 +1,8 @@
 """``shieldtune serve CONFIG``: the server of a multi-machine federation on Flower.
 
+(``mode: split`` is served by :mod:`shieldtune.cli.split_deploy`: the split-server enclave and
+its gRPC relay.)
+
 What it does, in order:
 
 1. validates the config (``mode: plain-fedavg`` or ``secure-fedavg``) and the TLS files;
@@ -46,11 +49,17 @@ from shieldtune.errors import ConfigError, ShieldtuneError
 
 __all__ = ["EPILOG", "serve_command"]
 
-EPILOG = """Example (server host; clients then run `shieldtune join`):
+EPILOG = """Examples (server host; clients then run `shieldtune join`):
 
   shieldtune certs certs --host fed.example.org
 
   shieldtune serve configs/federated/secure_fedavg_tiny.yaml --certs certs --host 0.0.0.0
+
+  shieldtune serve configs/split/spf_lora_tiny.yaml --certs certs --host 0.0.0.0 --port 9093
+
+mode: split serves the split-server enclave and its gRPC relay on --host/--port (TLS from
+--certs; the records are sealed end to end either way, TLS also hides the metadata) until its
+client has finished, then writes the server's run folder (sealed state, audit log, summary).
 """
 CONNECTION = "shieldtune"  # the SuperLink connection's name in the private FLWR_HOME
 
@@ -59,7 +68,7 @@ def _resolve(cfg: RunConfig, resume: Path | None) -> RunConfig:
     """Absolute output folder and a fixed run name (the ServerApp runs in another process)."""
     if cfg.mode not in ("plain-fedavg", "secure-fedavg"):
         raise ConfigError(
-            f"mode: shieldtune serve runs plain-fedavg or secure-fedavg, not {cfg.mode!r}"
+            f"mode: shieldtune serve runs split, plain-fedavg or secure-fedavg, not {cfg.mode!r}"
         )
     data = cfg.model_dump(mode="json")
     if resume is not None:
@@ -166,7 +175,20 @@ def serve_command(
         write_app_bundle,
     )
 
-    cfg = _resolve(load_config(config, overrides), resume)
+    cfg = load_config(config, overrides)
+    if cfg.mode == "split":
+        from shieldtune.cli.split_deploy import serve_split_command
+
+        return serve_split_command(
+            cfg,
+            host=host,
+            port=port,
+            certs=certs,
+            insecure=insecure,
+            superlink=superlink,
+            resume=resume,
+        )
+    cfg = _resolve(cfg, resume)
     check_secure_opt_in(cfg)
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is outside 1..65535")

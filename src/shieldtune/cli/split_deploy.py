@@ -1,0 +1,170 @@
+"""``shieldtune serve`` / ``join`` for ``mode: split``: split fine-tuning across machines.
+
+The server host runs the ``split-server`` enclave and its gRPC relay (``--host`` / ``--port``,
+TLS with the ``--certs`` folder of ``shieldtune certs``); each client host verifies the enclave
+and trains its front slice against it (``shieldtune join CONFIG --server HOST:PORT``). See
+:mod:`shieldtune.recipes.split_deploy` for what each side does and writes.
+
+TLS: the records on the relay are sealed end to end (attested channel, AES-GCM) whether or not
+TLS is on; TLS adds confidentiality of the metadata (session tokens, which ECALL a message
+carries is sealed anyway) and authenticates the host's port. ``--insecure`` drops it on trusted
+test networks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.panel import Panel
+from rich.table import Table
+
+from shieldtune.cli._common import console, progress_bar, quiet_libraries
+from shieldtune.cli._flower import check_port_free, parse_address, tls_files
+from shieldtune.config import RunConfig
+from shieldtune.errors import ConfigError
+
+__all__ = ["serve_split_command", "join_split_command"]
+
+
+def _simulated_banner(key: str | None) -> None:
+    console.print(
+        Panel(
+            "split on a SIMULATED enclave: an ordinary process, NO hardware protection "
+            "(development and testing only).\n"
+            f"simulated platform key: {key}\n"
+            f"clients pin it with: shieldtune join ... --trust-platform-key {key}",
+            title="SIMULATED ENCLAVE",
+            style="bold yellow",
+        )
+    )
+
+
+def _server_tls(certs: Path | None, insecure: bool) -> tuple[bytes, bytes] | None:
+    if insecure and certs is not None:
+        raise ConfigError("--insecure and --certs exclude each other")
+    if insecure:
+        return None
+    cert, key = tls_files(certs, ["server.pem", "server.key"])
+    return cert.read_bytes(), key.read_bytes()
+
+
+def serve_split_command(
+    cfg: RunConfig,
+    *,
+    host: str,
+    port: int,
+    certs: Path | None,
+    insecure: bool,
+    superlink: str | None,
+    resume: Path | None,
+) -> int:
+    """Serve the split server until its client(s) finished; print the summary.
+
+    Returns:
+        0, or 130 when interrupted (the run folder is written either way).
+    """
+    from shieldtune.recipes.split_deploy import serve_split
+    from shieldtune.recipes.split_secure import check_simulated_opt_in
+
+    problems = []
+    if superlink is not None:
+        problems.append("--superlink: split runs its own relay (and SuperLink); drop the option")
+    if resume is not None:
+        problems.append("--resume: a split server does not resume yet; start a new run")
+    if not 0 < port < 65536:
+        problems.append(f"--port {port} is outside 1..65535")
+    if problems:
+        raise ConfigError(problems)
+    check_simulated_opt_in(cfg)
+    tls = _server_tls(certs, insecure)
+    check_port_free(host, port)
+    quiet_libraries()
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "listening":
+            console.print(f"split server enclave: program split-server, TEE {info['tee']}")
+            console.print(f"enclave measurement: {info['measurement']}")
+            if info["platform_key"]:
+                _simulated_banner(info["platform_key"])
+            wire = "TLS" if info["tls"] else "NO TLS (--insecure)"
+            console.print(f"split relay listening on {info['address']} ({wire})")
+            console.print(f"waiting for {cfg.split.clients} client(s): shieldtune join")
+        elif kind == "session":
+            style = "green" if info["outcome"] == "finished" else "yellow"
+            console.print(
+                f"[{style}]client session {info['ended']} {info['outcome']}[/] "
+                f"({info['bytes_in']:,} record bytes received so far)"
+            )
+
+    run_dir = serve_split(cfg, host=host, port=port, tls=tls, on_event=on_event)
+    return _server_report(run_dir)
+
+
+def _server_report(run_dir: Path) -> int:
+    """Print the server's summary; 130 if it was interrupted, else 0."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    table = Table(title=f"split server ({summary['tee']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("clients", "server_steps", "planned_steps", "relay_bytes_in", "relay_bytes_out"):
+        if key in summary:
+            table.add_row(key, f"{summary[key]:,}")
+    console.print(table)
+    console.print(f"run folder: [bold]{run_dir}[/] (server state sealed, audit log)")
+    if summary.get("interrupted"):
+        console.print(
+            "[yellow]interrupted[/]: the server state of the committed steps is sealed in the "
+            "run folder"
+        )
+        return 130
+    return 0
+
+
+def join_split_command(
+    cfg: RunConfig,
+    *,
+    server: str,
+    client: int,
+    certs: Path | None,
+    insecure: bool,
+    trusted_keys: list[str],
+    connect_timeout_s: float,
+) -> int:
+    """Verify the server enclave, train this client's front slice, write its run folder.
+
+    Returns:
+        Exit code 0 (errors are raised as :class:`~shieldtune.errors.ShieldtuneError`).
+    """
+    from shieldtune.cli.train import print_summary
+    from shieldtune.recipes.split_deploy import join_split
+
+    host, port = parse_address(server, "--server")
+    if not 0 <= client < cfg.split.clients:
+        raise ConfigError(
+            f"--client {client} is outside 0..{cfg.split.clients - 1} (split.clients is "
+            f"{cfg.split.clients})"
+        )
+    if connect_timeout_s <= 0:
+        raise ConfigError(f"--connect-timeout must be > 0 seconds, got {connect_timeout_s}")
+    if insecure and certs is not None:
+        raise ConfigError("--insecure and --certs exclude each other")
+    ca = None if insecure else tls_files(certs, ["ca.pem"])[0].read_bytes()
+    quiet_libraries()
+    wire = "TLS" if ca is not None else "NO TLS (--insecure)"
+    console.print(f"split client {client} of {cfg.split.clients}: server {host}:{port} ({wire})")
+    if cfg.split.allow_simulated:
+        console.print(
+            "[bold yellow]accepting a SIMULATED server enclave (no hardware protection)[/]"
+        )
+    with progress_bar(f"split client · {cfg.model.name}") as update:
+        run_dir = join_split(
+            cfg,
+            address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            platform_keys=trusted_keys,
+            root_certificates=ca,
+            connect_timeout_s=connect_timeout_s,
+            on_progress=update,
+        )
+    print_summary(cfg, run_dir)
+    return 0
