@@ -14,6 +14,8 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,54 @@ def tls_handshake(port: int, cafile: Path) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
             pass
+
+
+@dataclass
+class Site:
+    """One deployment on loopback: TLS files of a throwaway CA (and another CA), a learnable
+    table, a simulated platform key, marked processes and a port whose next one is free too
+    (split's SuperLink listens one above its relay)."""
+
+    base: Path
+    certs: Path
+    other_ca: Path
+    table: Path
+    key_file: Path
+    platform_key: str
+    token: str
+    procs: Procs
+    port: int
+
+    def left_behind(self) -> set[int]:
+        """Wait (10 s at most) for the marked processes to end; those still alive."""
+        end = time.monotonic() + 10
+        while marked(self.token) and time.monotonic() < end:
+            time.sleep(0.5)
+        return marked(self.token)
+
+
+def site(base: Path, rows: int = 96) -> Site:
+    """Prepare a :class:`Site` in ``base``."""
+    from _tiny import write_keyword_table
+
+    from shieldtune.cli.certs import write_tls_files
+    from shieldtune.tee.backends.simulated import SimulatedPlatform
+
+    certs, other_ca = base / "certs", base / "other-ca"
+    write_tls_files(certs, ["127.0.0.1", "localhost"])
+    write_tls_files(other_ca, ["127.0.0.1"])
+    table = write_keyword_table(base / "kw.csv", rows=rows)
+    key_file = base / "platform" / "sim_platform_key"
+    key = SimulatedPlatform(key_file).public_key_hex
+    token = uuid.uuid4().hex
+    port = free_port()
+    while not port_free(port + 1):
+        port = free_port()
+    procs = Procs(process_env(base, token, key_file), base)
+    return Site(base, certs, other_ca, table, key_file, key, token, procs, port)
+
+
+def port_free(port: int) -> bool:
+    """Whether nothing accepts connections on loopback ``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0

@@ -10,17 +10,15 @@ is stopped in ``finally`` and the run checks that none is left.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _procs import Procs, free_port, marked, process_env, tls_handshake, wait_for
-from _tiny import table_overrides, write_keyword_table
+from _procs import free_port, port_free, site, tls_handshake, wait_for
+from _tiny import table_overrides
 from typer.testing import CliRunner
 
 from shieldtune.cli.app import app
-from shieldtune.cli.certs import write_tls_files
 from shieldtune.errors import ExitCode
 from shieldtune.split.service import SIMULATED_TEE
 from shieldtune.tee.audit import AuditLog
@@ -58,9 +56,13 @@ class OneClient:
     left_behind: set[int]
 
 
-def _join(sets: list[str], port: int, certs: Path, *extra: str) -> tuple[int, str]:
-    args = ["join", CONFIG, *sets, "--server", f"127.0.0.1:{port}", "--certs", str(certs)]
-    result = runner.invoke(app, [*args, *extra])
+def _join(
+    sets: list[str], port: int, certs: Path, *extra: str, config: str = CONFIG
+) -> tuple[int, str]:
+    """A join in this process (its run folder, were it ever made, goes next to ``certs``)."""
+    args = ["join", config, *sets, "--server", f"127.0.0.1:{port}", "--certs", str(certs)]
+    out = f"--set=output_dir={certs.parent / 'refused'}"
+    result = runner.invoke(app, [*args, out, *extra])
     return result.exit_code, result.output
 
 
@@ -69,16 +71,9 @@ def one_client(tmp_path_factory: pytest.TempPathFactory) -> OneClient:
     """serve + join of one split client to completion; meanwhile the one-machine run and the
     joins the live server must refuse."""
     base = tmp_path_factory.mktemp("split-deploy")
-    certs, other = base / "certs", base / "other-ca"
-    write_tls_files(certs, ["127.0.0.1", "localhost"])
-    write_tls_files(other, ["127.0.0.1"])
-    table = write_keyword_table(base / "kw.csv", rows=48)
-    key_file = base / "platform" / "sim_platform_key"
-    key = SimulatedPlatform(key_file).public_key_hex
-    token = uuid.uuid4().hex
-    procs = Procs(process_env(base, token, key_file), base)
-    port = free_port()
-    sets = _sets(table)
+    where = site(base, rows=48)
+    certs, key, procs, port = where.certs, where.platform_key, where.procs, where.port
+    sets = _sets(where.table)
     refusals: dict[str, tuple[int, str]] = {}
     try:
         serve = procs.start(
@@ -87,7 +82,7 @@ def one_client(tmp_path_factory: pytest.TempPathFactory) -> OneClient:
         )  # fmt: skip
         # the one-machine run of the same config (shieldtune train), in this process
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(PLATFORM_KEY_ENV, str(key_file))
+            mp.setenv(PLATFORM_KEY_ENV, str(where.key_file))
             local = runner.invoke(
                 app, ["train", CONFIG, *sets, f"--set=output_dir={base}", "--set=run_name=local"]
             )
@@ -96,7 +91,7 @@ def one_client(tmp_path_factory: pytest.TempPathFactory) -> OneClient:
         # TLS for real: the split CA verifies the relay, another CA does not
         tls_handshake(port, certs / "ca.pem")
         with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
-            tls_handshake(port, other / "ca.pem")
+            tls_handshake(port, where.other_ca / "ca.pem")
         # joins the live server refuses (none of them opens a session stream)
         other_key = SimulatedPlatform(base / "other-platform").public_key_hex
         refusals["no opt-in"] = _join(
@@ -120,7 +115,6 @@ def one_client(tmp_path_factory: pytest.TempPathFactory) -> OneClient:
         serve_log = procs.log("serve")
     finally:
         procs.stop_all()
-    wait_for(lambda: not marked(token), 10, "the processes to end", procs)
     return OneClient(
         base / "server" / "deployed",
         base / "client" / "deployed",
@@ -128,7 +122,7 @@ def one_client(tmp_path_factory: pytest.TempPathFactory) -> OneClient:
         serve_log,
         key,
         refusals,
-        marked(token),
+        where.left_behind(),
     )
 
 
@@ -232,9 +226,145 @@ def test_serve_refuses_what_it_cannot_run(args: list[str], message: str) -> None
     assert message in result.output
 
 
-def test_join_split_refuses_federated_options() -> None:
-    args = ["join", CONFIG, "--server", "h:1", "--partition-id", "0", "--num-partitions", "2"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == ExitCode.CONFIG and "--client" in result.output
-    result = runner.invoke(app, ["join", CONFIG, "--server", "h:1", "--client", "1"])
-    assert result.exit_code == ExitCode.CONFIG and "outside 0..0" in result.output
+# --------------------------------------------------------------------------- two clients
+MULTI = str(REPO / "configs" / "split" / "multi_spf_lora_tiny.yaml")
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "message"),
+    [
+        (CONFIG, ["--partition-id", "0", "--num-partitions", "2"], "--client"),
+        (CONFIG, ["--client", "1"], "outside 0..0"),
+        (MULTI, ["--client", "3"], "outside 0..2"),
+        (MULTI, ["--client", "0", "--no-worker", "--insecure"], "--no-worker"),
+        (MULTI, ["--client", "0", "--connect-timeout", "0"], "--connect-timeout"),
+    ],
+)
+def test_join_refuses_options_split_does_not_take(
+    config: str, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["join", config, "--server", "h:1", *args])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert message in result.output
+
+
+@dataclass
+class TwoClients:
+    server: Path
+    clients: list[Path]
+    local: Path
+    refused: tuple[int, str]
+    left_behind: set[int]
+
+
+@pytest.fixture(scope="module")
+def two_clients(tmp_path_factory: pytest.TempPathFactory) -> TwoClients:
+    """serve + 2 joins of a 2-round per_client split federation on Flower, to completion;
+    meanwhile the same config with `shieldtune train` and a join that must be refused."""
+    base = tmp_path_factory.mktemp("split-deploy-2")
+    where = site(base, rows=40)
+    certs, key, procs, port = where.certs, where.platform_key, where.procs, where.port
+    sets = [
+        f"--set={o}"
+        for o in (*table_overrides(where.table), "data.max_length=32", "data.max_test_examples=8",
+                  "split.clients=2", "train.batch_size=8", "federated.round_timeout_s=240")
+    ]  # fmt: skip
+    tls = ["--certs", str(certs)]
+    try:
+        serve = procs.start(
+            "serve", "serve", MULTI, *sets, f"--set=output_dir={base / 'server'}",
+            "--set=run_name=deployed", *tls, "--port", str(port),
+        )  # fmt: skip
+        joins = [
+            procs.start(
+                f"join{i}", "join", MULTI, *sets, f"--set=output_dir={base / f'client{i}'}",
+                "--set=run_name=deployed", "--server", f"127.0.0.1:{port}", *tls,
+                "--client", str(i), "--trust-platform-key", key,
+            )
+            for i in range(2)
+        ]  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:  # the one-machine federation, in this process
+            mp.setenv(PLATFORM_KEY_ENV, str(where.key_file))
+            local = runner.invoke(
+                app, ["train", MULTI, *sets, f"--set=output_dir={base}", "--set=run_name=local"]
+            )
+        assert local.exit_code == 0, local.output
+        wait_for(lambda: not port_free(port), 180, "the split relay (ServerApp)", procs)
+        other_key = SimulatedPlatform(base / "other-platform").public_key_hex
+        refused = _join(
+            sets, port, certs, "--client", "1", "--trust-platform-key", other_key, config=MULTI
+        )
+        done = lambda: all(p.poll() is not None for p in (serve, *joins))  # noqa: E731
+        wait_for(done, 420, "serve and both joins to finish", procs)
+        for name, proc in (("serve", serve), ("join0", joins[0]), ("join1", joins[1])):
+            assert proc.returncode == 0, procs.log(name)
+    finally:
+        procs.stop_all()
+    clients = [base / f"client{i}" / "deployed" for i in range(2)]
+    left = where.left_behind()
+    return TwoClients(base / "server" / "deployed", clients, base / "local", refused, left)
+
+
+def _steps(run: Path) -> dict[tuple[int, int, int], float]:
+    return {(x["client"], x["round"], x["step"]): x["loss"] for x in _lines(run, "client_step")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_deployed_split_clients_equal_the_one_machine_federation(
+    two_clients: TwoClients,
+) -> None:
+    # Assert: each client's steps (in its own folder) are the simulation's, step for step
+    local = _steps(two_clients.local)
+    deployed: dict[tuple[int, int, int], float] = {}
+    for run in two_clients.clients:
+        deployed.update(_steps(run))
+    assert deployed.keys() == local.keys() and {k[1] for k in local} == {1, 2}
+    for k, loss in local.items():
+        assert deployed[k] == pytest.approx(loss, abs=1e-5), k
+    # the server's global evaluation per round is the simulation's
+    s_eval, m_eval = _lines(two_clients.server, "eval"), _lines(two_clients.local, "eval")
+    assert [e["step"] for e in s_eval] == [1, 2] and all(e["clients"] == 2 for e in s_eval)
+    for s, m in zip(s_eval, m_eval, strict=True):
+        assert s["loss"] == pytest.approx(m["loss"], abs=1e-5)
+    # steps: the server's == Σ the clients' (their folders and their reports)
+    server = _summary(two_clients.server)
+    steps = [_summary(run)["steps"] for run in two_clients.clients]
+    assert server["server_steps"] == sum(steps) == sum(server["client_steps"]) > 0
+    assert [r["steps"] for r in server["client_reports"]] == steps
+    assert [e["averaged"] for e in server["events"] if e["kind"] == "after_train"] == [2, 2]
+    for run in two_clients.clients:
+        client = _summary(run)
+        assert client["rounds"] == 2 and client["tee"] == SIMULATED_TEE and client["tls"] is True
+        assert client["wire_bytes_sent"] > 0 and (run / "front_adapter").is_dir()
+    assert not two_clients.left_behind, f"processes left behind: {two_clients.left_behind}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_client_server_folder_holds_no_secret_in_the_clear(two_clients: TwoClients) -> None:
+    files = {p.name for p in two_clients.server.iterdir()}
+    assert files == {
+        "config.yaml", "metrics.jsonl", "summary.json", "curves.png", "back_adapter.sealed",
+        "enclave_audit.jsonl", "audit.jsonl",
+    }  # fmt: skip
+    for audit in ("enclave_audit.jsonl", "audit.jsonl"):  # split-server, fedavg-sparse
+        crossings = AuditLog.read_jsonl(two_clients.server / audit)
+        clear = {t.name for c in crossings if c.protection == "clear" for t in c.tensors}
+        assert clear <= {"config", "sealing_key", "hello", "enclave_public", "report_data"}
+        calls = [c for c in crossings if c.call == "channel_call"]
+        assert calls and all(c.protection == "encrypted" for c in calls)
+    summary = _summary(two_clients.server)
+    assert summary["tee"] == summary["aggregation_tee"] == SIMULATED_TEE
+    assert summary["relay_tls"] is True and summary["relay_bytes_in"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_join_that_pins_another_platform_key_is_refused_at_once(
+    two_clients: TwoClients,
+) -> None:
+    exit_code, output = two_clients.refused
+    errors = [line for line in output.splitlines() if line.startswith("error")]
+    assert exit_code == ExitCode.ATTESTATION, output
+    assert len(errors) == 1 and "platform key" in errors[0], output

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from _procs import Procs, free_port, marked, process_env, tls_handshake, wait_for
-from _tiny import table_overrides, write_keyword_table
+from _procs import site, tls_handshake, wait_for
+from _tiny import table_overrides
 from safetensors.torch import load_file
 
-from shieldtune.cli.certs import write_tls_files
 from shieldtune.tee.audit import AuditLog
 
 pytestmark = pytest.mark.integration
@@ -48,23 +45,12 @@ def _federate(base: Path, mode: str) -> Deployed:
     the context it sends back, so the secure channel's session crosses Flower between messages
     exactly as it does without the worker (``--no-worker``, slower: the model loads per message).
     """
-    port = free_port()
-    certs = base / "certs"
-    write_tls_files(certs, ["127.0.0.1", "localhost"])
-    other_ca = base / "other"
-    write_tls_files(other_ca, ["127.0.0.1"])
-    table = write_keyword_table(base / "kw.csv")
-    key_file = base / "platform" / "sim_platform_key"
-    from shieldtune.tee.backends.simulated import SimulatedPlatform
-
-    platform_key = SimulatedPlatform(key_file).public_key_hex
+    where = site(base)
+    port, certs, procs = where.port, where.certs, where.procs
     runs = base / "runs"
-    token = uuid.uuid4().hex
-    env = process_env(base, token, key_file)
-    shared = [f"--set={o}" for o in table_overrides(table)]
+    shared = [f"--set={o}" for o in table_overrides(where.table)]
     shared += ["--set=data.max_length=32", f"--set=mode={mode}"]
-    trust = ["--trust-platform-key", platform_key] if mode == "secure-fedavg" else []
-    procs = Procs(env, base)
+    trust = ["--trust-platform-key", where.platform_key] if mode == "secure-fedavg" else []
     try:
         # the server and two clients, as the README starts them (clients retry until it listens)
         serve = procs.start(
@@ -105,18 +91,16 @@ def _federate(base: Path, mode: str) -> Deployed:
         # TLS for real: the federation's CA verifies the SuperLink, another CA does not
         tls_handshake(port, certs / "ca.pem")
         with pytest.raises(ssl.SSLCertVerificationError):
-            tls_handshake(port, other_ca / "ca.pem")
+            tls_handshake(port, where.other_ca / "ca.pem")
         wait_for(lambda: serve.poll() is not None, 200, "the federation to finish", procs)
         out = procs.log("serve")
         assert serve.returncode == 0, out
         assert all(c.poll() is None for c in clients)  # SuperNodes serve until stopped
     finally:
         procs.stop_all()
-    end = time.monotonic() + 10
-    while marked(token) and time.monotonic() < end:
-        time.sleep(0.5)
+    left_behind = where.left_behind()
     adapters = [base / f"adapter{i}" / "adapter_model.safetensors" for i in range(2)]
-    return Deployed(runs / "deployed", out, adapters, marked(token))
+    return Deployed(runs / "deployed", out, adapters, left_behind)
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ CONNECTION = "shieldtune"  # the SuperLink connection's name in the private FLWR
 
 def _resolve(cfg: RunConfig, resume: Path | None) -> RunConfig:
     """Absolute output folder and a fixed run name (the ServerApp runs in another process)."""
-    if cfg.mode not in ("plain-fedavg", "secure-fedavg"):
+    if cfg.mode not in ("plain-fedavg", "secure-fedavg", "split"):
         raise ConfigError(
             f"mode: shieldtune serve runs split, plain-fedavg or secure-fedavg, not {cfg.mode!r}"
         )
@@ -176,18 +176,13 @@ def serve_command(
     )
 
     cfg = load_config(config, overrides)
-    if cfg.mode == "split":
-        from shieldtune.cli.split_deploy import serve_split_command
+    split = cfg.mode == "split"
+    if split:
+        from shieldtune.cli.split_deploy import check_split_serve, serve_split_command
 
-        return serve_split_command(
-            cfg,
-            host=host,
-            port=port,
-            certs=certs,
-            insecure=insecure,
-            superlink=superlink,
-            resume=resume,
-        )
+        check_split_serve(cfg, port, superlink, resume)
+        if cfg.split.clients == 1:  # no Flower: the relay alone
+            return serve_split_command(cfg, host, port, certs, insecure)
     cfg = _resolve(cfg, resume)
     check_secure_opt_in(cfg)
     if not 0 < port < 65536:
@@ -198,7 +193,7 @@ def serve_command(
         link_host, link_port = parse_address(superlink, "--superlink")
     else:
         link_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        link_port = port
+        link_port = port + 1 if split else port  # split: its relay has --port
     ca = server_cert = server_key = None
     if not insecure:
         names = ["ca.pem"] if superlink is not None else ["ca.pem", "server.pem", "server.key"]
@@ -210,6 +205,10 @@ def serve_command(
         raise ConfigError(f"--resume: no run folder {resume}")
     if cfg.mode == "secure-fedavg":
         _announce_secure(cfg)
+    elif split:
+        from shieldtune.cli.split_deploy import announce_split_rounds
+
+        announce_split_rounds(cfg)
 
     state = Path(tempfile.mkdtemp(prefix="shieldtune-serve-"))
     home = state / "flwr-home"
@@ -231,6 +230,10 @@ def serve_command(
         "poll-s": 0.5,
         "status-file": str(status_file),
     }
+    if split:  # the ServerApp runs the split relay (it reads the TLS files on this host)
+        cert, key = (str(server_cert), str(server_key)) if server_cert else ("", "")
+        run_config.update({"split-host": host, "split-port": port})
+        run_config.update({"split-cert": cert, "split-key": key})
     (state / "run-config.toml").write_text(
         "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in run_config.items())
     )
@@ -239,9 +242,11 @@ def serve_command(
     ok = False
     try:
         with sigterm_as_interrupt():
+            if split:
+                check_port_free(host, port)  # the ServerApp's relay listens there
             if superlink is None:
-                check_port_free(host, port)
-                argv = [flower_exe("flower-superlink"), "--host", host, "--port", str(port)]
+                check_port_free(host, link_port)
+                argv = [flower_exe("flower-superlink"), "--host", host, "--port", str(link_port)]
                 if insecure:
                     argv.append("--insecure")
                 else:
@@ -251,7 +256,7 @@ def serve_command(
                 link = Child("flower-superlink", argv, env, state / "superlink.log")
                 link.wait_listening(link_host, link_port)
                 tls = "TLS" if not insecure else "NO TLS (--insecure)"
-                console.print(f"SuperLink listening on {host}:{port} ({tls})")
+                console.print(f"SuperLink listening on {host}:{link_port} ({tls})")
                 if host not in ("127.0.0.1", "::1", "localhost"):
                     console.print(
                         "[yellow]note[/]: this port also serves Flower's Control API, which "
@@ -261,8 +266,9 @@ def serve_command(
             argv = [flower_exe("flwr"), "run", str(app), CONNECTION, "--run-config"]
             argv += [str(state / "run-config.toml"), "--stream"]
             run = Child("flwr run", argv, env, state / "flwr-run.log")
+            clients = cfg.split.clients if split else cfg.federated.num_clients
             console.print(
-                f"{cfg.mode}: waiting for {cfg.federated.num_clients} client(s) "
+                f"{cfg.mode}: waiting for {clients} client(s) "
                 f"(at least {cfg.federated.min_clients}), {cfg.federated.rounds} round(s)"
             )
             out = Path(cfg.output_dir)
@@ -288,5 +294,9 @@ def serve_command(
             shutil.rmtree(state, ignore_errors=True)
         else:
             console.print(f"Flower logs kept in {state}")
+    if split:
+        from shieldtune.cli.split_deploy import server_report
+
+        return server_report(run_dir)
     print_summary(cfg, run_dir)
     return 0

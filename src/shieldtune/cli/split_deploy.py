@@ -24,7 +24,13 @@ from shieldtune.cli._flower import check_port_free, parse_address, tls_files
 from shieldtune.config import RunConfig
 from shieldtune.errors import ConfigError
 
-__all__ = ["serve_split_command", "join_split_command"]
+__all__ = [
+    "serve_split_command",
+    "join_split_command",
+    "check_split_serve",
+    "announce_split_rounds",
+    "server_report",
+]
 
 
 def _simulated_banner(key: str | None) -> None:
@@ -50,33 +56,16 @@ def _server_tls(certs: Path | None, insecure: bool) -> tuple[bytes, bytes] | Non
 
 
 def serve_split_command(
-    cfg: RunConfig,
-    *,
-    host: str,
-    port: int,
-    certs: Path | None,
-    insecure: bool,
-    superlink: str | None,
-    resume: Path | None,
+    cfg: RunConfig, host: str, port: int, certs: Path | None, insecure: bool
 ) -> int:
-    """Serve the split server until its client(s) finished; print the summary.
+    """Serve the split server until its client has finished; print the summary (one client;
+    ``serve_command`` checked the options with :func:`check_split_serve`).
 
     Returns:
         0, or 130 when interrupted (the run folder is written either way).
     """
     from shieldtune.recipes.split_deploy import serve_split
-    from shieldtune.recipes.split_secure import check_simulated_opt_in
 
-    problems = []
-    if superlink is not None:
-        problems.append("--superlink: split runs its own relay (and SuperLink); drop the option")
-    if resume is not None:
-        problems.append("--resume: a split server does not resume yet; start a new run")
-    if not 0 < port < 65536:
-        problems.append(f"--port {port} is outside 1..65535")
-    if problems:
-        raise ConfigError(problems)
-    check_simulated_opt_in(cfg)
     tls = _server_tls(certs, insecure)
     check_port_free(host, port)
     quiet_libraries()
@@ -98,18 +87,60 @@ def serve_split_command(
             )
 
     run_dir = serve_split(cfg, host=host, port=port, tls=tls, on_event=on_event)
-    return _server_report(run_dir)
+    return server_report(run_dir)
 
 
-def _server_report(run_dir: Path) -> int:
+def check_split_serve(
+    cfg: RunConfig, port: int, superlink: str | None, resume: Path | None
+) -> None:
+    """Refuse serve options split does not take, and a simulated enclave without opt-in.
+
+    Raises:
+        ConfigError: Every problem found.
+    """
+    from shieldtune.recipes.split_secure import check_simulated_opt_in
+
+    problems = []
+    if superlink is not None:
+        problems.append("--superlink: split runs its own relay (and SuperLink); drop the option")
+    if resume is not None:
+        problems.append("--resume: a split server does not resume yet; start a new run")
+    last = 65534 if cfg.split.clients > 1 else 65535  # several clients: SuperLink at port + 1
+    if not 0 < port <= last:
+        problems.append(f"--port {port} is outside 1..{last}")
+    if problems:
+        raise ConfigError(problems)
+    check_simulated_opt_in(cfg)
+
+
+def announce_split_rounds(cfg: RunConfig) -> None:
+    """Print both enclaves' measurements and, when simulated, the platform key to pin."""
+    from shieldtune.federated.deploy import enclave_config, enclave_program
+    from shieldtune.recipes.split_rounds import deployed_schedule
+    from shieldtune.split.protocol import PROGRAM_NAME
+    from shieldtune.tee.backends.simulated import SimulatedPlatform
+    from shieldtune.tee.program import measure_program
+
+    program = deployed_schedule(cfg)[2]
+    console.print(f"split server enclave: measurement {measure_program(PROGRAM_NAME, program)}")
+    aggregation = measure_program(enclave_program(cfg), enclave_config(cfg))
+    console.print(f"aggregation enclave ({enclave_program(cfg)}): measurement {aggregation}")
+    _simulated_banner(SimulatedPlatform().public_key_hex)
+
+
+def server_report(run_dir: Path) -> int:
     """Print the server's summary; 130 if it was interrupted, else 0."""
     summary = json.loads((run_dir / "summary.json").read_text())
     table = Table(title=f"split server ({summary['tee']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("clients", "server_steps", "planned_steps", "relay_bytes_in", "relay_bytes_out"):
-        if key in summary:
-            table.add_row(key, f"{summary[key]:,}")
+    keys = ("clients", "rounds", "server_steps", "planned_steps", "client_steps")
+    for key in (*keys, "relay_bytes_in", "relay_bytes_out", "accuracy", "loss"):
+        value = summary.get(key)
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+        elif value is not None:
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)
     console.print(f"run folder: [bold]{run_dir}[/] (server state sealed, audit log)")
     if summary.get("interrupted"):
@@ -131,7 +162,8 @@ def join_split_command(
     trusted_keys: list[str],
     connect_timeout_s: float,
 ) -> int:
-    """Verify the server enclave, train this client's front slice, write its run folder.
+    """Verify the server enclave, train this client's front slice, write its run folder
+    (``split.clients: 1``; ``join_command`` checked the options).
 
     Returns:
         Exit code 0 (errors are raised as :class:`~shieldtune.errors.ShieldtuneError`).
@@ -140,13 +172,6 @@ def join_split_command(
     from shieldtune.recipes.split_deploy import join_split
 
     host, port = parse_address(server, "--server")
-    if not 0 <= client < cfg.split.clients:
-        raise ConfigError(
-            f"--client {client} is outside 0..{cfg.split.clients - 1} (split.clients is "
-            f"{cfg.split.clients})"
-        )
-    if connect_timeout_s <= 0:
-        raise ConfigError(f"--connect-timeout must be > 0 seconds, got {connect_timeout_s}")
     if insecure and certs is not None:
         raise ConfigError("--insecure and --certs exclude each other")
     ca = None if insecure else tls_files(certs, ["ca.pem"])[0].read_bytes()

@@ -17,7 +17,8 @@ and classes (the learning-rate schedule and the head are part of the measurement
 nothing and never sees a row. With the same config and seeds the deployed run's losses equal
 ``shieldtune train``'s step for step.
 
-``split.clients > 1`` across machines is refused (one machine: ``shieldtune train``).
+With ``split.clients > 1`` the rounds run on Flower's deployment runtime instead
+(:mod:`~shieldtune.recipes.split_rounds`).
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def _one_client(cfg: RunConfig) -> None:
         )
     if cfg.split.clients > 1:
         raise ConfigError(
-            f"split.clients: {cfg.split.clients} clients across machines are not supported yet "
-            "(shieldtune train runs them on one machine); set split.clients=1"
+            f"split.clients: {cfg.split.clients} clients run in rounds on Flower "
+            "(recipes.split_rounds); serve_split / join_split run one client"
         )
 
 

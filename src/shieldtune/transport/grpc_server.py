@@ -310,7 +310,7 @@ class RelayServer:
                         "session closed",
                     )
                 if record is _END or record is _BROKEN:
-                    outcome = "finished" if record is _END else "dropped"
+                    outcome = "finished" if record is _END and _closed(context) else "dropped"
                     return
                 reply, problem = self._relay_one(sid, record)
                 if problem is not None:
@@ -335,6 +335,18 @@ class RelayServer:
             return b"", (grpc.StatusCode.INVALID_ARGUMENT, f"record refused by the enclave: {err}")
         except ShieldtuneError as err:
             return b"", (grpc.StatusCode.UNAVAILABLE, f"enclave unavailable: {err}")
+
+
+def _closed(context: grpc.ServicerContext, settle_s: float = 0.5) -> bool:
+    """Whether a stream whose requests ended was closed by its client (the RPC stays open for
+    our replies) rather than cancelled: a cancellation can end the requests a moment before
+    gRPC marks the RPC inactive, so it gets ``settle_s`` to show."""
+    end = time.monotonic() + settle_s
+    while time.monotonic() < end:
+        if not context.is_active():
+            return False
+        time.sleep(0.02)
+    return context.is_active()
 
 
 def _pump(requests: Iterator[bytes], inbox: queue.Queue[Any], done: threading.Event) -> None:
