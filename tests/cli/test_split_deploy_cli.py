@@ -10,6 +10,7 @@ is stopped in ``finally`` and the run checks that none is left.
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,29 @@ def test_join_refuses_an_enclave_it_cannot_verify(
     errors = [line for line in output.splitlines() if line.startswith("error")]
     assert exit_code == code, output
     assert len(errors) == 1 and message in errors[0].lower(), output
+
+
+def test_an_interrupted_server_still_seals_its_state(tmp_path: Path) -> None:
+    # Prepare: a server nobody joins
+    where = site(tmp_path, rows=48)
+    runs = tmp_path / "server"
+    args = [CONFIG, *_sets(where.table), f"--set=output_dir={runs}", "--set=run_name=cut"]
+    procs = where.procs
+    try:
+        serve = procs.start("serve", "serve", *args, "--insecure", "--port", str(where.port))
+        wait_for(lambda: "split relay listening" in procs.log("serve"), 120, "relay", procs)
+        # Execute: SIGTERM, as a service manager stops it (Ctrl-C is the same)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+    finally:
+        procs.stop_all()
+    # Assert: exit 130, the folder is complete with the (untouched) server state sealed
+    assert serve.returncode == 130, procs.log("serve")
+    summary = _summary(runs / "cut")
+    assert summary["interrupted"] is True and summary["server_steps"] == 0
+    assert summary["client_sessions"] == [] and (runs / "cut" / "back_adapter.sealed").is_file()
+    assert "NO TLS" in procs.log("serve")
+    assert not where.left_behind()
 
 
 def test_join_to_a_dead_port_is_a_channel_error(tmp_path: Path, keyword_table: Path) -> None:

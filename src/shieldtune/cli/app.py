@@ -148,7 +148,11 @@ def serve(
         ),
     ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(help="SuperLink HTTPS port (split: the relay's port)")
+        int,
+        typer.Option(
+            help="SuperLink HTTPS port (split: the relay's; with split.clients > 1 the "
+            "SuperLink takes the next port)"
+        ),
     ] = 9092,
     certs: _Certs = None,
     insecure: _Insecure = False,
@@ -183,7 +187,9 @@ def join(
     config: Annotated[
         Path | None, typer.Argument(help="YAML run config (split, plain/secure-fedavg)")
     ],
-    server: Annotated[str, typer.Option(help="HOST:PORT of the server (split: its relay)")],
+    server: Annotated[
+        str, typer.Option(help="HOST:PORT of the server's SuperLink (split: of its relay)")
+    ],
     partition_id: Annotated[
         int | None, typer.Option(help="federated: this client's share of the data")
     ] = None,

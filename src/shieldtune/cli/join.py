@@ -58,9 +58,13 @@ EPILOG = """Examples (client host 0 of 2; ca.pem copied from the server):
   shieldtune join configs/split/spf_lora_tiny.yaml --server fed.example.org:9093
   --certs certs --trust-platform-key KEY
 
+  shieldtune join configs/split/multi_spf_lora_tiny.yaml --server fed.example.org:9093
+  --client 1 --certs certs --trust-platform-key KEY
+
 mode: split verifies the split-server enclave (its measurement computed here from this host's
 code and config), trains this client's front slice against it and writes this client's run
-folder; --client N picks share N of split.clients.
+folder; --client N picks share N of split.clients (with several clients the SuperLink is at
+the next port, and join ends once the server has finished the federation).
 """
 
 

@@ -59,7 +59,9 @@ EPILOG = """Examples (server host; clients then run `shieldtune join`):
 
 mode: split serves the split-server enclave and its gRPC relay on --host/--port (TLS from
 --certs; the records are sealed end to end either way, TLS also hides the metadata) until its
-client has finished, then writes the server's run folder (sealed state, audit log, summary).
+client has finished (or Ctrl-C), then writes the server's run folder (sealed state, audit log,
+summary). With split.clients > 1 the rounds run on Flower: the SuperLink listens on --port + 1
+and the ServerApp owns the split-server and fedavg-sparse enclaves.
 """
 CONNECTION = "shieldtune"  # the SuperLink connection's name in the private FLWR_HOME
 

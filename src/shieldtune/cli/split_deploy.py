@@ -20,7 +20,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from shieldtune.cli._common import console, progress_bar, quiet_libraries
-from shieldtune.cli._flower import check_port_free, parse_address, tls_files
+from shieldtune.cli._flower import (
+    check_port_free,
+    parse_address,
+    sigterm_as_interrupt,
+    tls_files,
+)
 from shieldtune.config import RunConfig
 from shieldtune.errors import ConfigError
 
@@ -86,7 +91,8 @@ def serve_split_command(
                 f"({info['bytes_in']:,} record bytes received so far)"
             )
 
-    run_dir = serve_split(cfg, host=host, port=port, tls=tls, on_event=on_event)
+    with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: stop waiting, seal, write the folder
+        run_dir = serve_split(cfg, host=host, port=port, tls=tls, on_event=on_event)
     return server_report(run_dir)
 
 

@@ -102,7 +102,8 @@ def serve_split(
 ) -> Path:
     """The server half of a one-client split run: serve until the client has finished.
 
-    Starts the ``split-server`` enclave and its relay on ``host:port`` and serves until a
+    Starts the ``split-server`` enclave (and builds its state: a host ``init``, as the first
+    client's would) and its relay on ``host:port`` and serves until a
     session stream was closed by its client (a stream that breaks off, e.g. a peer sending a
     garbage record, is reported and the server goes on waiting), or until interrupted (Ctrl-C,
     SIGTERM). Then it checkpoints the enclave (a host call: steps only), seals its state into
@@ -136,6 +137,7 @@ def serve_split(
     relay = service.relay
     try:
         service.start()
+        service.enclave.call("init")  # the server state, built before any client comes
         emit(
             "listening",
             {
