@@ -31,7 +31,7 @@ from typing import Any
 
 from shieldtune.config import RunConfig
 from shieldtune.errors import ConfigError
-from shieldtune.recipes._common import load_splits, open_run, prepare
+from shieldtune.recipes._common import load_splits, open_run, passive_threads, prepare
 from shieldtune.recipes.split_secure import (
     BACKEND,
     SEALED_FILE,
@@ -103,11 +103,11 @@ def serve_split(
     """The server half of a one-client split run: serve until the client has finished.
 
     Starts the ``split-server`` enclave (and builds its state: a host ``init``, as the first
-    client's would) and its relay on ``host:port`` and serves until a
-    session stream was closed by its client (a stream that breaks off, e.g. a peer sending a
-    garbage record, is reported and the server goes on waiting), or until interrupted (Ctrl-C,
-    SIGTERM). Then it checkpoints the enclave (a host call: steps only), seals its state into
-    the run folder and writes the audit log and the summary (``interrupted: true`` if so).
+    client's would) and its relay on ``host:port``, and serves until a session stream was
+    closed by its client (a stream that breaks off, e.g. a peer sending a garbage record, is
+    reported and the server goes on waiting), or until interrupted (Ctrl-C, SIGTERM). Then it
+    checkpoints the enclave (a host call: steps only), seals its state into the run folder and
+    writes the audit log and the summary (``interrupted: true`` if so).
 
     Args:
         cfg: The run config (``mode: split``, ``split.clients: 1``).
@@ -136,7 +136,8 @@ def serve_split(
     )
     relay = service.relay
     try:
-        service.start()
+        with passive_threads():  # the enclave's idle threads sleep while the host relays
+            service.start()
         service.enclave.call("init")  # the server state, built before any client comes
         emit(
             "listening",
