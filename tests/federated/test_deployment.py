@@ -11,142 +11,22 @@ Each mode runs once per module (2 clients, 2 rounds); the tests assert on those 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import ssl
-import subprocess
-import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from _tiny import table_overrides, write_keyword_table
+from _procs import site, tls_handshake, wait_for
+from _tiny import table_overrides
 from safetensors.torch import load_file
 
-from shieldtune.cli.certs import write_tls_files
 from shieldtune.tee.audit import AuditLog
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "federated" / "secure_fedavg_tiny.yaml"
-MARKER = "SHIELDTUNE_TEST_PROCESS"
-
-
-def _free_port() -> int:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-    except OSError as err:
-        pytest.skip(f"cannot bind a loopback port: {err}")
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def _descendants(pids: list[int]) -> set[int]:
-    kids, out, todo = _children(), set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        for kid in kids.get(pid, []):
-            if kid not in out:
-                out.add(kid)
-                todo.append(kid)
-    return out
-
-
-def _marked(token: str) -> set[int]:
-    """Live processes (not zombies) whose environment carries this test's marker."""
-    found = set()
-    needle = f"{MARKER}={token}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and needle in (entry / "environ").read_bytes():
-                found.add(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-class Procs:
-    """Processes started by the test, each in its own session; all stopped in ``stop_all``."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        out = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shieldtune.cli.app", *args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.logs,
-        )
-        out.close()
-        self.started.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        tree = _descendants([p.pid for p in self.started])
-        for proc in self.started:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.started:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        time.sleep(1.0)
-        for pid in tree:  # detached Flower helpers (own sessions), the enclave process
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _wait_for(predicate, timeout_s: float, what: str, procs: Procs) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = {p.name: p.read_text(errors="replace")[-3000:] for p in procs.logs.glob("*.log")}
-    pytest.fail(f"timed out waiting for {what}; logs: {json.dumps(logs, indent=1)}")
-
-
-def _tls_handshake(port: int, cafile: Path) -> None:
-    ctx = ssl.create_default_context(cafile=str(cafile))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
-            pass
 
 
 @dataclass
@@ -165,32 +45,12 @@ def _federate(base: Path, mode: str) -> Deployed:
     the context it sends back, so the secure channel's session crosses Flower between messages
     exactly as it does without the worker (``--no-worker``, slower: the model loads per message).
     """
-    port = _free_port()
-    certs = base / "certs"
-    write_tls_files(certs, ["127.0.0.1", "localhost"])
-    other_ca = base / "other"
-    write_tls_files(other_ca, ["127.0.0.1"])
-    table = write_keyword_table(base / "kw.csv")
-    key_file = base / "platform" / "sim_platform_key"
-    from shieldtune.tee.backends.simulated import SimulatedPlatform
-
-    platform_key = SimulatedPlatform(key_file).public_key_hex
+    where = site(base)
+    port, certs, procs = where.port, where.certs, where.procs
     runs = base / "runs"
-    token = uuid.uuid4().hex
-    env = {
-        **os.environ,
-        MARKER: token,
-        "SHIELDTUNE_SIM_PLATFORM_KEY": str(key_file),
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "HOME": str(base / "home"),  # nothing in the user's ~/.flwr or ~/.cache
-    }
-    shared = [f"--set={o}" for o in table_overrides(table)]
+    shared = [f"--set={o}" for o in table_overrides(where.table)]
     shared += ["--set=data.max_length=32", f"--set=mode={mode}"]
-    trust = ["--trust-platform-key", platform_key] if mode == "secure-fedavg" else []
-    procs = Procs(env, base)
+    trust = ["--trust-platform-key", where.platform_key] if mode == "secure-fedavg" else []
     try:
         # the server and two clients, as the README starts them (clients retry until it listens)
         serve = procs.start(
@@ -227,22 +87,20 @@ def _federate(base: Path, mode: str) -> Deployed:
             )
             for i in range(2)
         ]
-        _wait_for(lambda: "SuperLink listening" in procs.log("serve"), 90, "the SuperLink", procs)
+        wait_for(lambda: "SuperLink listening" in procs.log("serve"), 90, "the SuperLink", procs)
         # TLS for real: the federation's CA verifies the SuperLink, another CA does not
-        _tls_handshake(port, certs / "ca.pem")
+        tls_handshake(port, certs / "ca.pem")
         with pytest.raises(ssl.SSLCertVerificationError):
-            _tls_handshake(port, other_ca / "ca.pem")
-        _wait_for(lambda: serve.poll() is not None, 200, "the federation to finish", procs)
+            tls_handshake(port, where.other_ca / "ca.pem")
+        wait_for(lambda: serve.poll() is not None, 200, "the federation to finish", procs)
         out = procs.log("serve")
         assert serve.returncode == 0, out
         assert all(c.poll() is None for c in clients)  # SuperNodes serve until stopped
     finally:
         procs.stop_all()
-    end = time.monotonic() + 10
-    while _marked(token) and time.monotonic() < end:
-        time.sleep(0.5)
+    left_behind = where.left_behind()
     adapters = [base / f"adapter{i}" / "adapter_model.safetensors" for i in range(2)]
-    return Deployed(runs / "deployed", out, adapters, _marked(token))
+    return Deployed(runs / "deployed", out, adapters, left_behind)
 
 
 @pytest.fixture(scope="module")

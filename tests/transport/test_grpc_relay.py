@@ -147,3 +147,43 @@ def test_inproc_transport_relays_the_same_way(enclave: ProcessEnclave) -> None:
     assert transport.bytes_sent > 0
     transport.close()
     transport.close()
+
+
+def test_relay_counts_bytes_and_tells_a_closed_stream_from_a_broken_one(
+    enclave: ProcessEnclave, server: RelayServer
+) -> None:
+    # Prepare: one client that closes its stream, one that drops the connection
+    closing, t_closing = _connect(enclave, server)
+    dropping, t_dropping = _connect(enclave, server)
+    closing.call("echo", {"v": 1})
+    dropping.call("echo", {"v": 2})
+    # Execute
+    t_closing.close()
+    assert server.wait_streams(1, timeout_s=5)
+    t_dropping.disconnect()
+    # Assert: in the order the streams ended; a broken stream is never "finished"
+    assert server.wait_streams(2, timeout_s=5)
+    assert server.outcomes == ["finished", "dropped"]
+    assert not server.wait_streams(3, timeout_s=0.1)
+    sent = t_closing.bytes_sent + t_dropping.bytes_sent
+    received = t_closing.bytes_received + t_dropping.bytes_received
+    assert (server.bytes_in, server.bytes_out) == (sent, received)
+
+
+def test_relay_over_tls_serves_only_clients_that_trust_its_ca(enclave: ProcessEnclave) -> None:
+    # Prepare
+    from shieldtune.crypto.tls import make_tls_material
+
+    ours, theirs = make_tls_material(["127.0.0.1"]), make_tls_material(["127.0.0.1"])
+    with RelayServer(enclave, limits=LIMITS, tls=(ours.server_cert, ours.server_key)) as srv:
+        # Execute / Assert: the right CA talks to the enclave
+        good = GrpcTransport(srv.address, root_certificates=ours.ca_cert, connect_timeout_s=5)
+        client = SecureClient.connect(_verifier(enclave), good.handshake, good.send)
+        assert client.call("echo", {"v": 3}).meta == {"v": 3}
+        good.close()
+        # another CA, or no TLS at all, never gets a handshake through
+        for root in (theirs.ca_cert, None):
+            bad = GrpcTransport(srv.address, root_certificates=root, connect_timeout_s=1)
+            with pytest.raises(ChannelError, match="handshake failed"):
+                SecureClient.connect(_verifier(enclave), bad.handshake, bad.send)
+            bad.close()

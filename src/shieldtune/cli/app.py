@@ -137,12 +137,23 @@ _Insecure = Annotated[bool, typer.Option("--insecure", help="no TLS (trusted tes
 
 @app.command(epilog=_SERVE_EPILOG)
 def serve(
-    config: Annotated[Path | None, typer.Argument(help="YAML run config (plain/secure-fedavg)")],
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML run config (split, plain/secure-fedavg)")
+    ],
     set_: _Set = None,
     host: Annotated[
-        str, typer.Option(help="address the SuperLink listens on (0.0.0.0: all interfaces)")
+        str,
+        typer.Option(
+            help="address the SuperLink (split: the relay) listens on (0.0.0.0: all interfaces)"
+        ),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="SuperLink HTTPS port")] = 9092,
+    port: Annotated[
+        int,
+        typer.Option(
+            help="SuperLink HTTPS port (split: the relay's; with split.clients > 1 the "
+            "SuperLink takes the next port)"
+        ),
+    ] = 9092,
     certs: _Certs = None,
     insecure: _Insecure = False,
     superlink: Annotated[
@@ -152,7 +163,8 @@ def serve(
         Path | None, typer.Option(help="secure-fedavg: continue this interrupted run folder")
     ] = None,
 ) -> None:
-    """Run the server of a multi-machine federation (Flower SuperLink + ServerApp)."""
+    """Run the server of a multi-machine federation (Flower SuperLink + ServerApp), or of split
+    fine-tuning (the split-server enclave + its gRPC relay)."""
     from shieldtune.cli.serve import serve_command
 
     def body() -> int:
@@ -172,10 +184,24 @@ def serve(
 
 @app.command(epilog=_JOIN_EPILOG)
 def join(
-    config: Annotated[Path | None, typer.Argument(help="YAML run config (plain/secure-fedavg)")],
-    server: Annotated[str, typer.Option(help="HOST:PORT of the server's SuperLink")],
-    partition_id: Annotated[int, typer.Option(help="this client's share of the data")],
-    num_partitions: Annotated[int, typer.Option(help="shares the data is split into")],
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML run config (split, plain/secure-fedavg)")
+    ],
+    server: Annotated[
+        str, typer.Option(help="HOST:PORT of the server's SuperLink (split: of its relay)")
+    ],
+    partition_id: Annotated[
+        int | None, typer.Option(help="federated: this client's share of the data")
+    ] = None,
+    num_partitions: Annotated[
+        int | None, typer.Option(help="federated: shares the data is split into")
+    ] = None,
+    client: Annotated[
+        int | None, typer.Option(help="split: this client's share N of split.clients (0)")
+    ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(help="split: seconds to wait for the server to be reachable")
+    ] = 120.0,
     set_: _Set = None,
     certs: _Certs = None,
     insecure: _Insecure = False,
@@ -194,7 +220,8 @@ def join(
         bool, typer.Option(help="keep model and data warm in this process between messages")
     ] = True,
 ) -> None:
-    """Join a federation as a client (Flower SuperNode running shieldtune's ClientApp)."""
+    """Join a federation as a client (Flower SuperNode running shieldtune's ClientApp), or a
+    split server as a split client."""
     from shieldtune.cli.join import join_command
 
     def body() -> int:
@@ -211,6 +238,8 @@ def join(
             runtime_port=runtime_port,
             adapter_dir=save_adapter,
             worker=worker,
+            client=client,
+            connect_timeout_s=connect_timeout,
         )
 
     _exit(guarded(body))

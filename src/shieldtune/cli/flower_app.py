@@ -17,6 +17,12 @@ Flower then runs:
   instead of loading the model itself. State a message must leave for the next one (the
   attested channel) lives in the node's ``Context.state`` either way.
 
+``mode: split`` with ``split.clients > 1`` (:mod:`shieldtune.recipes.split_rounds`): the server
+app also runs the split-server enclave and its relay (run config ``split-host``, ``split-port``,
+``split-cert``, ``split-key``: server-host paths); a client's node config names its share
+(``split-client``), the relay (``split-relay``, ``split-ca``, ``split-connect-timeout``), and it
+needs the warm worker: the split node (session, SPF mask, front optimiser) lives there.
+
 Nothing heavy is imported at module level: forwarding a message does not load torch.
 """
 
@@ -38,7 +44,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from shieldtune.errors import ConfigError, ShieldtuneError
-from shieldtune.federated.messages import HANDSHAKE_ACTIONS
+from shieldtune.federated.messages import HANDSHAKE_ACTIONS, SPLIT_FINISH, SPLIT_FINISH_ACTION
 
 __all__ = [
     "APP_CONFIG",
@@ -61,6 +67,10 @@ APP_CONFIG: dict[str, str | float] = {
     "fingerprint": "",
     "poll-s": 0.5,
     "status-file": "",
+    "split-host": "",
+    "split-port": 0,
+    "split-cert": "",
+    "split-key": "",
 }
 log = logging.getLogger("shieldtune.federated")
 
@@ -111,9 +121,12 @@ def _server_main(grid: Grid, context: Context) -> None:
         cfg = decode_config(str(run_config.get("shieldtune-config", "")))
         resume = str(run_config.get("resume", "")) or None
         poll = float(run_config.get("poll-s", 0.5))  # type: ignore[arg-type]
-        run_dir = serve_federation(
-            cfg, PollingGrid(grid, poll), resume=Path(resume) if resume else None
-        )
+        if cfg.mode == "split":
+            run_dir = _serve_split(cfg, PollingGrid(grid, poll), run_config)
+        else:
+            run_dir = serve_federation(
+                cfg, PollingGrid(grid, poll), resume=Path(resume) if resume else None
+            )
     except ShieldtuneError as err:
         lines = err.problems if isinstance(err, ConfigError) else [str(err)]
         _write_status(status, ok=False, error=type(err).__name__, message="; ".join(lines))
@@ -122,6 +135,16 @@ def _server_main(grid: Grid, context: Context) -> None:
         _write_status(status, ok=False, error=type(err).__name__, message=str(err))
         raise
     _write_status(status, ok=True, run_dir=str(run_dir))
+
+
+def _serve_split(cfg: Any, grid: Grid, run_config: Any) -> Path:
+    from shieldtune.recipes.split_rounds import serve_split_rounds
+
+    cert, key = str(run_config.get("split-cert", "")), str(run_config.get("split-key", ""))
+    tls = (Path(cert).read_bytes(), Path(key).read_bytes()) if cert else None
+    host = str(run_config.get("split-host", "")) or "127.0.0.1"
+    port = int(run_config.get("split-port", 0))  # type: ignore[call-overload]
+    return serve_split_rounds(cfg, grid, host=host, port=port, tls=tls)
 
 
 # ---------------------------------------------------------------------- client
@@ -133,6 +156,7 @@ class _Node:
     mods: list[Any]
     trainer_for: Callable[[Context], Any]
     adapter_dir: Path | None
+    split: Any = None  # mode split: the SplitNode (session, mask, optimiser) of this host
 
 
 _nodes: dict[tuple[str, str, str], _Node] = {}  # per-process caches, never protocol state
@@ -153,12 +177,15 @@ def _node(context: Context) -> _Node:
             raise ConfigError("node config has no shieldtune-config: start with `shieldtune join`")
         cfg = load_config(config_path)
         policy = None
-        if cfg.mode == "secure-fedavg":
+        if cfg.mode in ("secure-fedavg", "split"):
             from shieldtune.tee.attestation import Policy
 
             if not policy_path:
-                raise ConfigError("node config has no shieldtune-policy (secure-fedavg)")
+                raise ConfigError(f"node config has no shieldtune-policy ({cfg.mode})")
             policy = Policy.load(Path(policy_path))
+        if cfg.mode == "split":
+            _nodes[key] = _split_node(cfg, policy, nc)
+            return _nodes[key]
         _nodes[key] = _Node(
             cfg,
             node_client_mods(cfg, policy),
@@ -166,6 +193,25 @@ def _node(context: Context) -> _Node:
             Path(adapter_dir) if adapter_dir else None,
         )
     return _nodes[key]
+
+
+def _split_node(cfg: Any, policy: Any, nc: Any) -> _Node:
+    """A split client's node: its SplitNode (connected and verified) and the sealing mod."""
+    from shieldtune.federated.mods import SealedUpdateMod
+    from shieldtune.recipes.split_rounds import SplitNode
+    from shieldtune.tee.attestation import Verifier
+
+    ca = str(nc.get("split-ca", ""))
+    node = SplitNode(
+        cfg,
+        client=int(nc.get("split-client", 0)),  # type: ignore[call-overload]
+        relay=str(nc.get("split-relay", "")),
+        platform_keys=list(policy.simulated_platform_keys),
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        connect_timeout_s=float(nc.get("split-connect-timeout", 120.0)),  # type: ignore[arg-type]
+    )
+    mods = [SealedUpdateMod(lambda: Verifier(policy))]
+    return _Node(cfg, mods, node.trainer_for, None, node)
 
 
 def _local_app(run_id: int) -> ClientApp:
@@ -204,19 +250,38 @@ def _local_app(run_id: int) -> ClientApp:
     return app
 
 
-def warm_up(node_config: dict[str, Any]) -> None:
-    """Load this node's config, data and model before the first message (node worker)."""
+def warm_up(node_config: dict[str, Any]) -> Any:
+    """Load this node's config, data and model before the first message (node worker).
+
+    Returns:
+        The split node (mode split: connected to the split server and verified), else None.
+    """
     from flwr.app import RecordDict
 
     context = Context(
         run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={}
     )
-    _node(context).trainer_for(context)
+    node = _node(context)
+    node.trainer_for(context)
+    return node.split
 
 
 def run_message(msg: Message, context: Context) -> Message:
     """Run one message with this process's ClientApp (what the node worker calls)."""
+    if msg.metadata.message_type == SPLIT_FINISH:
+        return _finish(msg, context)
     return _local_app(context.run_id)(msg, context)
+
+
+def _finish(msg: Message, context: Context) -> Message:
+    """The federation is over: a split node writes its run folder and reports."""
+    from flwr.app import MetricRecord, RecordDict
+
+    split = _node(context).split
+    if split is None:
+        reason = "only split clients answer shieldtune_split_finish"
+        return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(split.finish())}), reply_to=msg)
 
 
 def _dispatch(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -240,6 +305,6 @@ def _never(msg: Message, context: Context) -> Message:  # pragma: no cover
 for _register in (
     client_app.train(),
     client_app.evaluate(),
-    *(client_app.query(action) for action in HANDSHAKE_ACTIONS),
+    *(client_app.query(action) for action in (*HANDSHAKE_ACTIONS, SPLIT_FINISH_ACTION)),
 ):
     _register(_never)

@@ -1,5 +1,8 @@
 """``shieldtune serve CONFIG``: the server of a multi-machine federation on Flower.
 
+(``mode: split`` is served by :mod:`shieldtune.cli.split_deploy`: the split-server enclave and
+its gRPC relay.)
+
 What it does, in order:
 
 1. validates the config (``mode: plain-fedavg`` or ``secure-fedavg``) and the TLS files;
@@ -46,20 +49,28 @@ from shieldtune.errors import ConfigError, ShieldtuneError
 
 __all__ = ["EPILOG", "serve_command"]
 
-EPILOG = """Example (server host; clients then run `shieldtune join`):
+EPILOG = """Examples (server host; clients then run `shieldtune join`):
 
   shieldtune certs certs --host fed.example.org
 
   shieldtune serve configs/federated/secure_fedavg_tiny.yaml --certs certs --host 0.0.0.0
+
+  shieldtune serve configs/split/spf_lora_tiny.yaml --certs certs --host 0.0.0.0 --port 9093
+
+mode: split serves the split-server enclave and its gRPC relay on --host/--port (TLS from
+--certs; the records are sealed end to end either way, TLS also hides the metadata) until its
+client has finished (or Ctrl-C), then writes the server's run folder (sealed state, audit log,
+summary). With split.clients > 1 the rounds run on Flower: the SuperLink listens on --port + 1
+and the ServerApp owns the split-server and fedavg-sparse enclaves.
 """
 CONNECTION = "shieldtune"  # the SuperLink connection's name in the private FLWR_HOME
 
 
 def _resolve(cfg: RunConfig, resume: Path | None) -> RunConfig:
     """Absolute output folder and a fixed run name (the ServerApp runs in another process)."""
-    if cfg.mode not in ("plain-fedavg", "secure-fedavg"):
+    if cfg.mode not in ("plain-fedavg", "secure-fedavg", "split"):
         raise ConfigError(
-            f"mode: shieldtune serve runs plain-fedavg or secure-fedavg, not {cfg.mode!r}"
+            f"mode: shieldtune serve runs split, plain-fedavg or secure-fedavg, not {cfg.mode!r}"
         )
     data = cfg.model_dump(mode="json")
     if resume is not None:
@@ -166,7 +177,15 @@ def serve_command(
         write_app_bundle,
     )
 
-    cfg = _resolve(load_config(config, overrides), resume)
+    cfg = load_config(config, overrides)
+    split = cfg.mode == "split"
+    if split:
+        from shieldtune.cli.split_deploy import check_split_serve, serve_split_command
+
+        check_split_serve(cfg, port, superlink, resume)
+        if cfg.split.clients == 1:  # no Flower: the relay alone
+            return serve_split_command(cfg, host, port, certs, insecure)
+    cfg = _resolve(cfg, resume)
     check_secure_opt_in(cfg)
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is outside 1..65535")
@@ -176,7 +195,7 @@ def serve_command(
         link_host, link_port = parse_address(superlink, "--superlink")
     else:
         link_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        link_port = port
+        link_port = port + 1 if split else port  # split: its relay has --port
     ca = server_cert = server_key = None
     if not insecure:
         names = ["ca.pem"] if superlink is not None else ["ca.pem", "server.pem", "server.key"]
@@ -188,6 +207,10 @@ def serve_command(
         raise ConfigError(f"--resume: no run folder {resume}")
     if cfg.mode == "secure-fedavg":
         _announce_secure(cfg)
+    elif split:
+        from shieldtune.cli.split_deploy import announce_split_rounds
+
+        announce_split_rounds(cfg)
 
     state = Path(tempfile.mkdtemp(prefix="shieldtune-serve-"))
     home = state / "flwr-home"
@@ -209,6 +232,10 @@ def serve_command(
         "poll-s": 0.5,
         "status-file": str(status_file),
     }
+    if split:  # the ServerApp runs the split relay (it reads the TLS files on this host)
+        cert, key = (str(server_cert), str(server_key)) if server_cert else ("", "")
+        run_config.update({"split-host": host, "split-port": port})
+        run_config.update({"split-cert": cert, "split-key": key})
     (state / "run-config.toml").write_text(
         "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in run_config.items())
     )
@@ -217,9 +244,11 @@ def serve_command(
     ok = False
     try:
         with sigterm_as_interrupt():
+            if split:
+                check_port_free(host, port)  # the ServerApp's relay listens there
             if superlink is None:
-                check_port_free(host, port)
-                argv = [flower_exe("flower-superlink"), "--host", host, "--port", str(port)]
+                check_port_free(host, link_port)
+                argv = [flower_exe("flower-superlink"), "--host", host, "--port", str(link_port)]
                 if insecure:
                     argv.append("--insecure")
                 else:
@@ -229,7 +258,7 @@ def serve_command(
                 link = Child("flower-superlink", argv, env, state / "superlink.log")
                 link.wait_listening(link_host, link_port)
                 tls = "TLS" if not insecure else "NO TLS (--insecure)"
-                console.print(f"SuperLink listening on {host}:{port} ({tls})")
+                console.print(f"SuperLink listening on {host}:{link_port} ({tls})")
                 if host not in ("127.0.0.1", "::1", "localhost"):
                     console.print(
                         "[yellow]note[/]: this port also serves Flower's Control API, which "
@@ -239,8 +268,9 @@ def serve_command(
             argv = [flower_exe("flwr"), "run", str(app), CONNECTION, "--run-config"]
             argv += [str(state / "run-config.toml"), "--stream"]
             run = Child("flwr run", argv, env, state / "flwr-run.log")
+            clients = cfg.split.clients if split else cfg.federated.num_clients
             console.print(
-                f"{cfg.mode}: waiting for {cfg.federated.num_clients} client(s) "
+                f"{cfg.mode}: waiting for {clients} client(s) "
                 f"(at least {cfg.federated.min_clients}), {cfg.federated.rounds} round(s)"
             )
             out = Path(cfg.output_dir)
@@ -266,5 +296,9 @@ def serve_command(
             shutil.rmtree(state, ignore_errors=True)
         else:
             console.print(f"Flower logs kept in {state}")
+    if split:
+        from shieldtune.cli.split_deploy import server_report
+
+        return server_report(run_dir)
     print_summary(cfg, run_dir)
     return 0

@@ -243,7 +243,8 @@ def client_policy(cfg: RunConfig, platform_keys: list[str] | None = None) -> Any
 
 def federation_fingerprint(cfg: RunConfig) -> str:
     """SHA-256 of what every party of one federation must agree on: mode, model, adapter,
-    optimisation (incl. the seed of the shared initial adapter) and local epochs."""
+    optimisation (incl. the seed of the shared initial adapter), local epochs and (split
+    modes) the split settings."""
     t = cfg.train
     shared = {
         "mode": cfg.mode,
@@ -264,6 +265,8 @@ def federation_fingerprint(cfg: RunConfig) -> str:
         ),
         "local_epochs": cfg.federated.local_epochs,
     }
+    if _split(cfg):  # cut, front adapter, clients, server adapter, DP
+        shared["split"] = cfg.split.model_dump(mode="json", exclude={"allow_simulated"})
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
 
 

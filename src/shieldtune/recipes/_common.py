@@ -27,6 +27,7 @@ from shieldtune.training.loop import planned_steps
 __all__ = [
     "Prepared",
     "prepare",
+    "load_splits",
     "open_run",
     "seed_everything",
     "batch_forward_args",
@@ -70,9 +71,12 @@ def load_dataset(cfg: RunConfig) -> Dataset:
     return load_builtin(d.dataset, d.data_dir)
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Load data and model, split with the split seed, tokenise both splits."""
-    seed_everything(cfg.train.seed)
+def load_splits(cfg: RunConfig) -> tuple[Dataset, Dataset, Dataset]:
+    """The dataset and its train / test splits (split seed, row caps), not tokenised.
+
+    Returns:
+        ``(dataset, train split, test split)``.
+    """
     ds = load_dataset(cfg)
     train_ds, test_ds = train_test_split(
         ds, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed
@@ -81,6 +85,13 @@ def prepare(cfg: RunConfig) -> Prepared:
         train_ds = subset(train_ds, range(min(cfg.data.max_train_examples, len(train_ds))))
     if cfg.data.max_test_examples:
         test_ds = subset(test_ds, range(min(cfg.data.max_test_examples, len(test_ds))))
+    return ds, train_ds, test_ds
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load data and model, split with the split seed, tokenise both splits."""
+    seed_everything(cfg.train.seed)
+    ds, train_ds, test_ds = load_splits(cfg)
     task = cfg.model.task
     loaded = load_model(
         cfg.model.name, task, ds.num_labels if task == "seq-cls" else None, seed=cfg.train.seed

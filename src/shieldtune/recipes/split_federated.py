@@ -48,12 +48,26 @@ from shieldtune.federated.strategy import AfterTrain, SparseFedAvg
 from shieldtune.recipes._common import Prepared, open_run, passive_threads, prepare
 from shieldtune.recipes.federated import node_trainer_factory, round_logger
 from shieldtune.recipes.split_clients import Link, SplitSettings, SplitTrainer
-from shieldtune.recipes.split_secure import BACKEND, SEALED_FILE, check_simulated_opt_in
+from shieldtune.recipes.split_secure import (
+    BACKEND,
+    SEALED_FILE,
+    check_simulated_opt_in,
+    split_program,
+)
 from shieldtune.report import plot_metrics
-from shieldtune.split.service import SIMULATED_TEE, program_config
+from shieldtune.split.service import SIMULATED_TEE
 from shieldtune.training.loop import planned_steps
 
-__all__ = ["run_split_federated"]
+__all__ = [
+    "run_split_federated",
+    "split_schedule",
+    "SplitServer",
+    "open_split_server",
+    "checkpoint_split_server",
+    "finish_split_server",
+    "round_summary",
+    "step_log",
+]
 
 log = logging.getLogger("shieldtune.split")
 #: Host-side audit patterns: no tensor of these names may cross either enclave in the clear.
@@ -79,60 +93,27 @@ def run_split_federated(
     Raises:
         ConfigError: ``split`` on a simulated enclave without ``split.allow_simulated``.
     """
-    secure = cfg.mode == "split"
-    if secure:
-        check_simulated_opt_in(cfg)
     # setup
     s, f, t = cfg.split, cfg.federated, cfg.train
     prep = prepare(cfg)
-    shares = _shares(cfg, prep)
-    steps = [
-        f.rounds * planned_steps(len(rows), f.local_epochs, t.batch_size, None)
-        for rows, _ in shares
-    ]
-    program = program_config(
-        model=cfg.model.name,
-        task=cfg.model.task,
-        num_labels=prep.num_labels if cfg.model.task == "seq-cls" else None,
-        cut=s.cut,
-        adapter=cfg.adapter,
-        lr=t.lr,
-        train=t,
-        seed=t.seed,
-        total_steps=sum(steps) if s.server_adapter == "shared" else max(steps),
-        wire_dtype=s.wire_dtype,
-        server_adapter=s.server_adapter,
+    labels = prep.train["labels"].tolist() if cfg.model.task == "seq-cls" else None
+    shares, steps, program = split_schedule(
+        cfg, prep.num_labels, labels, len(prep.train["labels"]), len(prep.test["labels"])
     )
-    run = open_run(cfg)
-    history: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    plain = SparseFedAvg(
-        f.min_clients,
-        f.fraction,
-        int(f.max_update_mb * 2**20),
-        on_event=round_logger(run, cfg, on_progress, history, events),
-        dp_clip=s.dp_clip,
-        dp_sigma=s.dp_sigma,
-    )
-    stack = ExitStack()
+    server = open_split_server(cfg, program, on_progress)
     try:
-        side = (_secure_side if secure else _plain_side)(cfg, program, plain, stack)
-        per_client = s.server_adapter == "per_client"
-
-        def average(server_round: int) -> dict[str, Any] | None:
-            """per_client: the sessions' server adapters := their example-weighted mean."""
-            return dict(side.host("average").meta) if per_client else None
-
-        strategy = AfterTrain(side.strategy, average, plain.emit)
+        side, stack = server.side, server.stack
 
         def build(settings: LocalTraining, train: dict, test: dict, part: int) -> SplitTrainer:
             split = SplitSettings(s.cut, s.front_adapter, t.front_lr or t.lr, steps[part])
-            trainer = SplitTrainer(settings, split, train, test, part, side.connect, _step_log(run))
+            trainer = SplitTrainer(
+                settings, split, train, test, part, side.connect, step_log(server.run)
+            )
             stack.callback(trainer.close)
             return trainer
 
         client_app = build_client_app(node_trainer_factory(cfg, prep, build), side.mods)
-        server_app = build_server_app(strategy, f.rounds, f.round_timeout_s)
+        server_app = build_server_app(server.strategy, f.rounds, f.round_timeout_s)
         # train
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
@@ -147,31 +128,143 @@ def run_split_federated(
         trainers: dict[int, SplitTrainer] = dict(client_app.trainers)  # type: ignore[attr-defined]
         first = trainers[min(trainers)]
         if first.front_adapter is not None:
-            first.front_adapter.save(run.path / "front_adapter", base_model=cfg.model.name)
-        summary = _summary(cfg, prep, shares, trainers, grid, history, events, train_time)
-        summary["server_steps"] = int(side.host("checkpoint").meta["steps"])
-        summary.update(side.save(run.path))
-        plot_metrics(
-            run.path / "metrics.jsonl",
-            run.path / "curves.png",
-            title=f"{cfg.mode} ×{s.clients} ({s.server_adapter}) cut={s.cut} · {cfg.model.name}",
-        )
+            first.front_adapter.save(server.run.path / "front_adapter", base_model=cfg.model.name)
+        summary = _summary(cfg, prep, shares, trainers, grid, server, train_time)
+        checkpoint_split_server(server, summary)
         # cleanup: sessions end; nothing secret crossed either enclave boundary in the clear
         for trainer in trainers.values():
             trainer.close()
-        for audit_file, audit in side.audits.items():
-            for pattern in _SECRETS:
-                audit.assert_nothing_clear(pattern)
-            run.write_text(audit_file, "".join(c.to_json() + "\n" for c in audit.records))
-        final = run.finish(summary)
-        side.reseal(final)  # split: sealed again where the finished folder is (rollback counter)
+        final = finish_split_server(server, summary)
     except BaseException:
-        run.abort()
+        server.run.abort()
         raise
     finally:
-        stack.close()  # sessions, then the enclaves / the in-process server
-    if secure:
+        server.stack.close()  # sessions, then the enclaves / the in-process server
+    if cfg.mode == "split":
         log.warning("split run %s used %s enclaves", final.name, SIMULATED_TEE)
+    return final
+
+
+# ---------------------------------------------------------------------- the server side
+def split_schedule(
+    cfg: RunConfig, num_labels: int, labels: list[int] | None, n_train: int, n_test: int
+) -> tuple[list[tuple[list[int], list[int]]], list[int], dict[str, Any]]:
+    """Each client's share, its planned steps, and the measured ``split-server`` config.
+
+    Every party computes these alike from the config and the dataset's labels and row counts
+    (the server of a deployment without tokenising anything).
+
+    Returns:
+        ``(shares, steps per client over all rounds, program config)``.
+    """
+    s, f, t = cfg.split, cfg.federated, cfg.train
+    shares = client_shares(
+        labels, n_train, n_test, s.clients, f.partition, f.alpha, f.partition_seed
+    )
+    steps = [
+        f.rounds * planned_steps(len(rows), f.local_epochs, t.batch_size, None)
+        for rows, _ in shares
+    ]
+    total = sum(steps) if s.server_adapter == "shared" else max(steps)
+    return shares, steps, split_program(cfg, num_labels, total, s.server_adapter)
+
+
+@dataclass
+class SplitServer:
+    """The server side of a federated split run: run folder, side, strategy, what it logged.
+
+    Attributes:
+        run: The run folder.
+        side: Where the split server runs and who aggregates (:class:`_Side`).
+        strategy: The round strategy (aggregation, then the per_client average).
+        history: Evaluation records, one per round.
+        events: Other strategy events.
+        stack: Closes the sessions, then the enclaves (or the in-process server).
+    """
+
+    run: Any
+    side: _Side
+    strategy: Any
+    history: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    stack: ExitStack
+
+
+def open_split_server(
+    cfg: RunConfig,
+    program: dict[str, Any],
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    relay: dict[str, Any] | None = None,
+) -> SplitServer:
+    """Start the server side: run folder, the split server (enclave + relay in ``split``) and
+    the aggregation, wrapped so that per_client adapters are averaged after every round.
+
+    Args:
+        cfg: The run config.
+        program: The ``split-server`` config (:func:`split_schedule`).
+        on_progress: Receives one record per completed round.
+        relay: ``host`` / ``port`` / ``tls`` of the split relay (default: loopback, a free
+            port, no TLS).
+
+    Raises:
+        ConfigError: ``split`` on a simulated enclave without ``split.allow_simulated``.
+    """
+    s, f = cfg.split, cfg.federated
+    if cfg.mode == "split":
+        check_simulated_opt_in(cfg)
+    run = open_run(cfg)
+    history: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    plain = SparseFedAvg(
+        f.min_clients,
+        f.fraction,
+        int(f.max_update_mb * 2**20),
+        on_event=round_logger(run, cfg, on_progress, history, events),
+        dp_clip=s.dp_clip,
+        dp_sigma=s.dp_sigma,
+    )
+    stack = ExitStack()
+    try:
+        if cfg.mode == "split":
+            side = _secure_side(cfg, program, plain, stack, **(relay or {}))
+        else:
+            side = _plain_side(cfg, program, plain, stack)
+    except BaseException:
+        stack.close()
+        run.abort()
+        raise
+    per_client = s.server_adapter == "per_client"
+
+    def average(server_round: int) -> dict[str, Any] | None:
+        """per_client: the sessions' server adapters := their example-weighted mean."""
+        return dict(side.host("average").meta) if per_client else None
+
+    strategy = AfterTrain(side.strategy, average, plain.emit)
+    return SplitServer(run, side, strategy, history, events, stack)
+
+
+def checkpoint_split_server(server: SplitServer, summary: dict[str, Any]) -> None:
+    """Checkpoint the split server (a host call), store its adapter (sealed in split) and the
+    curves; add the server's entries to ``summary``."""
+    summary["server_steps"] = int(server.side.host("checkpoint").meta["steps"])
+    summary.update(server.side.save(server.run.path))
+    cfg_line = f"{summary['mode']} ×{summary['clients']} ({summary['server_adapter']})"
+    plot_metrics(
+        server.run.path / "metrics.jsonl",
+        server.run.path / "curves.png",
+        title=f"{cfg_line} cut={summary['cut']} · {summary['model']}",
+    )
+
+
+def finish_split_server(server: SplitServer, summary: dict[str, Any]) -> Path:
+    """Check that nothing secret crossed either enclave boundary in the clear, write the audit
+    logs and the summary, and seal again where the finished folder is (rollback counter)."""
+    for audit_file, audit in server.side.audits.items():
+        for pattern in _SECRETS:
+            audit.assert_nothing_clear(pattern)
+        server.run.write_text(audit_file, "".join(c.to_json() + "\n" for c in audit.records))
+    final = server.run.finish(summary)
+    server.side.reseal(final)
     return final
 
 
@@ -219,7 +312,13 @@ def _plain_side(
 
 
 def _secure_side(
-    cfg: RunConfig, program: dict[str, Any], plain: SparseFedAvg, stack: ExitStack
+    cfg: RunConfig,
+    program: dict[str, Any],
+    plain: SparseFedAvg,
+    stack: ExitStack,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> _Side:
     from shieldtune.federated.mods import SealedUpdateMod
     from shieldtune.federated.secure import EnclaveAggregation
@@ -232,7 +331,9 @@ def _secure_side(
     s, f = cfg.split, cfg.federated
     split_audit, fed_audit = AuditLog(), AuditLog()
     limits = RelayLimits(max_sessions=max(16, s.clients + 4), idle_timeout_s=3 * f.round_timeout_s)
-    service = SplitService(program, backend=BACKEND, audit=split_audit, limits=limits)
+    service = SplitService(
+        program, backend=BACKEND, host=host, port=port, audit=split_audit, limits=limits, tls=tls
+    )
     aggregator = create_enclave(
         BACKEND,
         enclave_program(cfg),
@@ -274,6 +375,8 @@ def _secure_side(
             "aggregation_measurement": aggregator.measurement,
             "back_adapter": f"{SEALED_FILE} (sealed to the enclave measurement)",
             "audit_crossings": len(split_audit.records) + len(fed_audit.records),
+            "relay_bytes_in": service.relay.bytes_in,
+            "relay_bytes_out": service.relay.bytes_out,
         }
 
     return _Side(
@@ -288,17 +391,8 @@ def _secure_side(
 
 
 # ---------------------------------------------------------------------- helpers
-def _shares(cfg: RunConfig, prep: Prepared) -> list[tuple[list[int], list[int]]]:
-    """Each client's (train rows, test rows), as the node trainers will cut them."""
-    f = cfg.federated
-    labels = prep.train["labels"].tolist() if cfg.model.task == "seq-cls" else None
-    n_train, n_test = int(prep.train["labels"].shape[0]), int(prep.test["labels"].shape[0])
-    return client_shares(
-        labels, n_train, n_test, cfg.split.clients, f.partition, f.alpha, f.partition_seed
-    )
-
-
-def _step_log(run: Any) -> Callable[..., None]:
+def step_log(run: Any) -> Callable[..., None]:
+    """A thread-safe ``log(**record)`` writing ``client_step`` lines into ``run``."""
     lock = threading.Lock()
 
     def log_step(**record: Any) -> None:
@@ -308,27 +402,16 @@ def _step_log(run: Any) -> Callable[..., None]:
     return log_step
 
 
-def _summary(
+def round_summary(
     cfg: RunConfig,
-    prep: Prepared,
     shares: list[tuple[list[int], list[int]]],
-    trainers: dict[int, SplitTrainer],
-    grid: Any,
-    history: list[dict[str, Any]],
-    events: list[dict[str, Any]],
+    server: SplitServer,
     train_time: float,
 ) -> dict[str, Any]:
+    """The summary entries every federated split server writes (settings, final metrics,
+    history and events)."""
     s, f = cfg.split, cfg.federated
-    wire = [t.link.counters() for t in trainers.values()]
-    sent, received = sum(w[0] for w in wire), sum(w[1] for w in wire)
-    client_steps = [trainers[k].steps for k in sorted(trainers)]
-    per_round = max(s.clients * f.rounds, 1)
-    flower = {
-        d: sum(m.nbytes for m in grid.traffic if m.direction == d)
-        for d in ("to_client", "to_server")
-    }
-    first = trainers[min(trainers)]
-    final = history[-1] if history else {}
+    final = server.history[-1] if server.history else {}
     return {
         "mode": cfg.mode,
         "clients": s.clients,
@@ -341,12 +424,41 @@ def _summary(
         "cut": s.cut,
         "wire_dtype": s.wire_dtype,
         "back_method": cfg.adapter["method"],
-        "front_method": first.front_adapter.method if first.front_adapter else None,
         "model": cfg.model.name,
+        "client_train_rows": [len(rows) for rows, _ in shares],
+        **{k: v for k, v in final.items() if k not in ("epoch", "step")},
+        "train_time_s": round(train_time, 3),
+        "round_time_s": round(train_time / max(f.rounds, 1), 3),
+        "events": server.events,
+        "history": server.history,
+    }
+
+
+def _summary(
+    cfg: RunConfig,
+    prep: Prepared,
+    shares: list[tuple[list[int], list[int]]],
+    trainers: dict[int, SplitTrainer],
+    grid: Any,
+    server: SplitServer,
+    train_time: float,
+) -> dict[str, Any]:
+    s, f = cfg.split, cfg.federated
+    wire = [t.link.counters() for t in trainers.values()]
+    sent, received = sum(w[0] for w in wire), sum(w[1] for w in wire)
+    client_steps = [trainers[k].steps for k in sorted(trainers)]
+    per_round = max(s.clients * f.rounds, 1)
+    flower = {
+        d: sum(m.nbytes for m in grid.traffic if m.direction == d)
+        for d in ("to_client", "to_server")
+    }
+    first = trainers[min(trainers)]
+    return {
+        **round_summary(cfg, shares, server, train_time),
+        "front_method": first.front_adapter.method if first.front_adapter else None,
         "dataset": prep.dataset.name,
         "train_rows": int(prep.train["labels"].shape[0]),
         "test_rows": int(prep.test["labels"].shape[0]),
-        "client_train_rows": [len(rows) for rows, _ in shares],
         "server_trainable_params": first.server_info["trainable_params"],
         "client_trainable_params": first.trainable_params,
         "client_steps": client_steps,
@@ -355,9 +467,4 @@ def _summary(
         "wire_bytes_per_step": round((sent + received) / max(sum(client_steps), 1)),
         "bytes_to_client_per_round": round(flower["to_client"] / per_round),
         "bytes_to_server_per_round": round(flower["to_server"] / per_round),
-        **{k: v for k, v in final.items() if k not in ("epoch", "step")},
-        "train_time_s": round(train_time, 3),
-        "round_time_s": round(train_time / max(f.rounds, 1), 3),
-        "events": events,
-        "history": history,
     }

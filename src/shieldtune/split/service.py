@@ -117,6 +117,8 @@ class SplitService:
         limits: Relay limits (message size, idle / handshake timeouts, sessions).
         threads: CPU threads of the enclave (default: this process's torch threads).
         interceptors: gRPC server interceptors.
+        tls: ``(certificate PEM, private key PEM)`` of the relay's port; None: plaintext gRPC
+            (the records are sealed end to end either way).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class SplitService:
         limits: RelayLimits | None = None,
         threads: int | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.config = dict(config)
         self.limits = limits or RelayLimits()
@@ -144,7 +147,12 @@ class SplitService:
             kwargs["platform_key"] = platform_key
         self.enclave: Enclave = create_enclave(backend, PROGRAM_NAME, self.config, **kwargs)
         self.relay = RelayServer(
-            self.enclave, host=host, port=port, limits=self.limits, interceptors=interceptors
+            self.enclave,
+            host=host,
+            port=port,
+            limits=self.limits,
+            interceptors=interceptors,
+            tls=tls,
         )
         self.threads = threads
 
@@ -248,8 +256,18 @@ def connect(
     *,
     wire_dtype: str = "float32",
     max_message_bytes: int = RelayLimits.max_message_bytes,
+    root_certificates: bytes | None = None,
+    connect_timeout_s: float = 30.0,
 ) -> tuple[SplitRemote, GrpcTransport]:
     """Connect to a split server over gRPC and verify its enclave before sending anything.
+
+    Args:
+        address: ``host:port`` of the relay.
+        policy: What the client accepts (:func:`split_policy`).
+        wire_dtype: ``float32`` or ``bfloat16``.
+        max_message_bytes: Largest gRPC message (match the server's).
+        root_certificates: CA PEM of the relay's TLS certificate; None: plaintext gRPC.
+        connect_timeout_s: How long the handshake waits for the server to be reachable.
 
     Returns:
         The server stub and the transport (byte counters, ``close()``).
@@ -261,7 +279,12 @@ def connect(
     """
     if wire_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"split.wire_dtype: {wire_dtype!r} unknown; accepted: float32, bfloat16")
-    transport = GrpcTransport(address, max_message_bytes=max_message_bytes)
+    transport = GrpcTransport(
+        address,
+        max_message_bytes=max_message_bytes,
+        connect_timeout_s=connect_timeout_s,
+        root_certificates=root_certificates,
+    )
     try:
         secure = SecureClient.connect(Verifier(policy), transport.handshake, transport.send)
     except BaseException:

@@ -45,6 +45,8 @@ class GrpcTransport:
         address: ``host:port`` of the relay.
         max_message_bytes: Largest message sent or accepted (match the server's).
         connect_timeout_s: Time limit for the handshake (waits for the server to be ready).
+        root_certificates: PEM of the CA that signed the relay's TLS certificate (e.g. the
+            ``ca.pem`` of ``shieldtune certs``); None: plaintext gRPC.
 
     Attributes:
         bytes_sent: Record bytes sent so far (handshake excluded).
@@ -52,16 +54,23 @@ class GrpcTransport:
     """
 
     def __init__(
-        self, address: str, *, max_message_bytes: int = 64 << 20, connect_timeout_s: float = 30.0
+        self,
+        address: str,
+        *,
+        max_message_bytes: int = 64 << 20,
+        connect_timeout_s: float = 30.0,
+        root_certificates: bytes | None = None,
     ) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._handshake_rpc = self._channel.unary_unary(HANDSHAKE)
         self._session_rpc = self._channel.stream_stream(SESSION)
         self._timeout = connect_timeout_s

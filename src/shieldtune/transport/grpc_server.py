@@ -23,6 +23,13 @@ larger message with RESOURCE_EXHAUSTED), ``idle_timeout_s`` between records (DEA
 beyond it get RESOURCE_EXHAUSTED). A record the enclave refuses (tampered, replayed, malformed)
 ends that stream with INVALID_ARGUMENT; the enclave drops that session and serves the others.
 Whenever a stream ends (done, refused, timed out, client gone) its enclave session is closed.
+
+Across machines the port can be served over TLS (``tls=(certificate PEM, private key PEM)``,
+e.g. from ``shieldtune certs``): the records are sealed end to end either way; TLS also hides
+the metadata (sizes and timing are still visible, who talks to whom is not). The relay counts
+the bytes it relays and how each stream ended (:attr:`RelayServer.outcomes`: ``finished`` when
+the client closed it, ``dropped`` otherwise), so a host can wait for its clients
+(:meth:`RelayServer.wait_streams`).
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ HANDSHAKE = f"/{SERVICE}/Handshake"
 SESSION = f"/{SERVICE}/Session"
 SESSION_METADATA = "x-shieldtune-session"
 TOKEN_BYTES = 16
-_END = object()
+_END = object()  # the client closed its stream
+_BROKEN = object()  # the stream ended any other way (cancelled, connection lost, too large)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,13 @@ class RelayServer:
         port: TCP port; 0 picks a free one (see :attr:`address`).
         limits: Per-session limits.
         interceptors: gRPC server interceptors (e.g. to capture traffic in tests).
+        tls: ``(certificate chain PEM, private key PEM)`` to serve TLS; None: plaintext gRPC.
+
+    Attributes:
+        bytes_in: Record bytes received from clients (handshakes excluded).
+        bytes_out: Record bytes sent back.
+        outcomes: How each session stream ended, in order: ``finished`` (the client closed it)
+            or ``dropped`` (refused, timed out, cancelled, connection lost).
     """
 
     def __init__(
@@ -105,15 +120,21 @@ class RelayServer:
         port: int = 0,
         limits: RelayLimits | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.relay = relay
         self.host, self.port = host, port
         self.limits = limits or RelayLimits()
+        self.tls = tls
         self._interceptors = list(interceptors)
         self._sessions: dict[bytes, _Session] = {}
         self._opening = 0
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
         self._server: grpc.Server | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcomes: list[str] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> RelayServer:
@@ -143,8 +164,14 @@ class RelayServer:
             ],
             maximum_concurrent_rpcs=workers,
         )
+        address = f"{self.host}:{self.port}"
         try:
-            self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+            if self.tls is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                cert, key = self.tls
+                credentials = grpc.ssl_server_credentials([(key, cert)])
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as err:
             raise ChannelError(f"cannot bind {self.host}:{self.port}: {err}") from None
         server.start()
@@ -162,6 +189,15 @@ class RelayServer:
         """Sessions handshaken and not yet closed."""
         with self._lock:
             return len(self._sessions)
+
+    def wait_streams(self, count: int, timeout_s: float | None = None) -> bool:
+        """Wait until ``count`` session streams have ended (finished or dropped).
+
+        Returns:
+            Whether they had within ``timeout_s`` (None: wait as long as it takes).
+        """
+        with self._ended:
+            return self._ended.wait_for(lambda: len(self.outcomes) >= count, timeout_s)
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving and close every session still open (idempotent)."""
@@ -262,6 +298,7 @@ class RelayServer:
         threading.Thread(
             target=_pump, args=(requests, inbox, done), daemon=True, name="relay-reader"
         ).start()
+        outcome = "dropped"
         try:
             while True:
                 try:
@@ -272,15 +309,22 @@ class RelayServer:
                         f"no record for {self.limits.idle_timeout_s} s (idle_timeout_s): "
                         "session closed",
                     )
-                if record is _END:
+                if record is _END or record is _BROKEN:
+                    outcome = "finished" if record is _END and _closed(context) else "dropped"
                     return
                 reply, problem = self._relay_one(sid, record)
                 if problem is not None:
                     context.abort(*problem)
+                with self._lock:
+                    self.bytes_in += len(record)
+                    self.bytes_out += len(reply)
                 yield reply
         finally:
             done.set()
             self._release(token)
+            with self._ended:
+                self.outcomes.append(outcome)
+                self._ended.notify_all()
 
     def _relay_one(
         self, sid: int, record: bytes
@@ -291,6 +335,18 @@ class RelayServer:
             return b"", (grpc.StatusCode.INVALID_ARGUMENT, f"record refused by the enclave: {err}")
         except ShieldtuneError as err:
             return b"", (grpc.StatusCode.UNAVAILABLE, f"enclave unavailable: {err}")
+
+
+def _closed(context: grpc.ServicerContext, settle_s: float = 0.5) -> bool:
+    """Whether a stream whose requests ended was closed by its client (the RPC stays open for
+    our replies) rather than cancelled: a cancellation can end the requests a moment before
+    gRPC marks the RPC inactive, so it gets ``settle_s`` to show."""
+    end = time.monotonic() + settle_s
+    while time.monotonic() < end:
+        if not context.is_active():
+            return False
+        time.sleep(0.02)
+    return context.is_active()
 
 
 def _pump(requests: Iterator[bytes], inbox: queue.Queue[Any], done: threading.Event) -> None:
@@ -310,5 +366,6 @@ def _pump(requests: Iterator[bytes], inbox: queue.Queue[Any], done: threading.Ev
             if not put(record):
                 return
     except Exception:  # the RPC ended: cancelled, too large, connection lost
-        pass
+        put(_BROKEN)
+        return
     put(_END)
