@@ -145,3 +145,47 @@ def test_resume_refuses_cells_that_ran_another_config(tiny_experiment, tmp_path,
     result = run_cli("experiment", str(config), "--set", "train.lr=0.5")
     assert result.exit_code == ExitCode.CONFIG
     assert "ran another config (differs in train.lr)" in result.output
+
+
+def test_collect_writes_the_table_of_copied_cells_and_runs_nothing(
+    tiny_experiment, tmp_path, keyword_table, monkeypatch
+):
+    # Prepare: a fresh folder holding only the seed-0 cells, copied from the finished grid (as
+    # from another machine, or from an experiment over a subset of the seeds)
+    out = tmp_path / "merged"
+    config = write_experiment(tmp_path / "exp.yaml", experiment_data(keyword_table, out))
+    for cell in ("kw__local-lora__seed0", "kw__plain-split-lora__seed0"):
+        shutil.copytree(tiny_experiment.folder / "runs" / cell, out / "runs" / cell)
+    calls = []
+    for mode in ("local", "plain-split"):
+        monkeypatch.setitem(RECIPES, mode, lambda cfg, on_progress=None: calls.append(cfg))
+    # Execute
+    result = run_cli("experiment", str(config), "--collect")
+    # Assert: nothing ran, the copied cells are in the table, the others pending
+    assert result.exit_code == 0, result.output
+    assert calls == []
+    cells = {c["name"]: c for c in _results(out)["cells"]}
+    assert {n: c["status"] for n, c in cells.items()} == {
+        "kw__local-lora__seed0": "ok",
+        "kw__local-lora__seed1": "pending",
+        "kw__plain-split-lora__seed0": "ok",
+        "kw__plain-split-lora__seed1": "pending",
+    }
+    done = json.loads((out / "runs" / "kw__local-lora__seed0" / "summary.json").read_text())
+    assert cells["kw__local-lora__seed0"]["accuracy"] == done["accuracy"]
+    invocation = json.loads((out / "provenance.json").read_text())["invocations"][-1]
+    assert invocation["collect"] is True and invocation["ran"] == []
+    # Negative: a copied cell that ran another config is refused, nothing written over
+    bad = write_experiment(
+        tmp_path / "bad.yaml",
+        {
+            **experiment_data(keyword_table, out),
+            "base": {
+                **experiment_data(keyword_table, out)["base"],
+                "train": {"epochs": 1, "max_steps": 3, "batch_size": 8, "lr": 0.003},
+            },
+        },
+    )
+    refused = run_cli("experiment", str(bad), "--collect")
+    assert refused.exit_code == ExitCode.CONFIG
+    assert "ran another config" in refused.output and calls == []

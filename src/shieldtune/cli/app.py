@@ -65,12 +65,20 @@ def experiment(
         Path | None, typer.Option(help="experiment folder (default: the config's output_dir)")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells; run none")] = False,
+    collect: Annotated[
+        bool,
+        typer.Option(
+            "--collect",
+            help="run no cell: write the table from the cells whose run folders completed "
+            "(e.g. copied into runs/ from another machine); the others stay pending",
+        ),
+    ] = False,
 ) -> None:
     """Run a grid of datasets × rows × seeds through the recipes; write one results table
     (results.csv, results.json, results.md). Running it again resumes."""
     from shieldtune.cli.experiment import experiment_command
 
-    _exit(guarded(lambda: experiment_command(config, set_ or [], output_dir, dry_run)))
+    _exit(guarded(lambda: experiment_command(config, set_ or [], output_dir, dry_run, collect)))
 
 
 @app.command(epilog=_REPORT_EPILOG)

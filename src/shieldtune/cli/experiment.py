@@ -26,7 +26,11 @@ Running the same command again resumes: completed cells are read, failed and mis
 
 
 def experiment_command(
-    config: Path, overrides: list[str], output_dir: Path | None, dry_run: bool = False
+    config: Path,
+    overrides: list[str],
+    output_dir: Path | None,
+    dry_run: bool = False,
+    collect: bool = False,
 ) -> int:
     """Validate every cell, then run (or resume) the grid.
 
@@ -35,6 +39,7 @@ def experiment_command(
         overrides: ``key.path=value`` strings applied to every cell's run config.
         output_dir: Replaces the file's ``output_dir``.
         dry_run: List the cells and stop.
+        collect: Run nothing; write the table from the cells that completed (the rest pending).
 
     Returns:
         0 when every cell completed, else the exit code of the first failed cell's error.
@@ -64,7 +69,9 @@ def experiment_command(
 
     def on_record(i: int, record: dict[str, Any]) -> None:
         head = f"[{i + 1}/{total}] {record['dataset']} · {record['row']} · seed {record['seed']}"
-        if record["status"] == "ok":
+        if record["status"] == "pending":
+            console.print(f"{head}: pending", highlight=False, soft_wrap=True)
+        elif record["status"] == "ok":
             acc = record.get("accuracy")
             how = "done earlier" if record["reused"] else f"{record['wall_s']:.0f} s"
             score = f"accuracy {acc:.3f}" if isinstance(acc, float) else "no accuracy"
@@ -72,7 +79,9 @@ def experiment_command(
         else:
             err_console.print(f"{head}: [bold red]failed[/]: {record['error']}", highlight=False)
 
-    records = run_experiment(plan, progress=progress, on_record=on_record, argv=sys.argv)
+    records = run_experiment(
+        plan, progress=progress, on_record=on_record, argv=sys.argv, run=not collect
+    )
     failed = [r for r in records if r["status"] == "failed"]
     console.print(
         f"results: [bold]{plan.output_dir / 'results.md'}[/] (and .csv, .json)", soft_wrap=True

@@ -13,7 +13,10 @@ and writes its run folder under ``<output_dir>/runs/<cell>``. The experiment fol
 A failed cell is recorded with its error and the grid goes on. Running the same experiment
 again resumes it: a cell whose run folder completed (it has ``summary.json``; the recipes write
 a run folder under a ``.partial-`` name and rename it only when the run completes) is read, not
-run again, provided it ran the same config; failed and missing cells run.
+run again, provided it ran the same config; failed and missing cells run. With ``run=False``
+(``shieldtune experiment --collect``) nothing runs: the table is written from the cells that
+completed (in this folder, or copied into ``runs/`` from another machine or from an experiment
+over a subset of the seeds or datasets), the others stay ``pending``.
 """
 
 from __future__ import annotations
@@ -103,13 +106,15 @@ def _earlier_wall(out: Path, cell: Cell) -> float | None:
         return None
 
 
-def _run_cell(cell: Cell, out: Path, progress: Progress) -> Record:
-    """One cell: read it if its run folder completed earlier, else run its recipe."""
+def _run_cell(cell: Cell, out: Path, progress: Progress, run: bool = True) -> Record:
+    """One cell: read it if its run folder completed earlier, else run its recipe (if ``run``)."""
     from shieldtune.recipes import RECIPES
 
     done = cell.run_dir / "summary.json"
     if done.is_file():
         return ok_record(cell, json.loads(done.read_text()), _earlier_wall(out, cell), True)
+    if not run:
+        return pending_record(cell)
     started = time.perf_counter()
     try:
         with progress(cell) as update:
@@ -145,6 +150,7 @@ def run_experiment(
     progress: Progress | None = None,
     on_record: Callable[[int, Record], None] | None = None,
     argv: list[str] | None = None,
+    run: bool = True,
 ) -> list[Record]:
     """Run (or resume) every cell of an experiment and write its results table.
 
@@ -153,9 +159,11 @@ def run_experiment(
         progress: Gives each cell its progress callback (e.g. a progress bar).
         on_record: Called with ``(index, record)`` after each cell.
         argv: The command line, recorded in ``provenance.json`` (default: ``sys.argv``).
+        run: False: run no cell, only write the table of the completed ones (``--collect``).
 
     Returns:
-        One record per cell, ``status`` ``ok`` or ``failed``, in the plan's order.
+        One record per cell, ``status`` ``ok`` or ``failed`` (or ``pending`` when not run), in
+        the plan's order.
 
     Raises:
         ConfigError: A completed cell ran another config (nothing is run then).
@@ -168,13 +176,13 @@ def run_experiment(
     (out / EXPERIMENT_YAML).write_text(
         yaml.dump(plan.resolved(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
     )
-    entry = {**provenance(plan, argv), "ran": []}
+    entry = {**provenance(plan, argv), "ran": [], **({} if run else {"collect": True})}
     _save_invocation(out, entry, new=True)
     records = [pending_record(c) for c in plan.cells]
     write_results(plan, records)
     for i, cell in enumerate(plan.cells):
-        records[i] = _run_cell(cell, out, progress or _no_progress)
-        if not records[i]["reused"]:
+        records[i] = _run_cell(cell, out, progress or _no_progress, run)
+        if records[i]["status"] != "pending" and not records[i]["reused"]:
             entry["ran"].append(cell.name)
             _save_invocation(out, entry, new=False)
         write_results(plan, records)
