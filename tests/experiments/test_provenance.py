@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+from pathlib import Path
 
 from _experiment import experiment_data, write_experiment
 
 from shieldtune.experiments import load_experiment
-from shieldtune.experiments.provenance import package_versions, provenance
+from shieldtune.experiments.provenance import package_versions, provenance, source_revision
 
 
 def test_provenance_names_versions_machine_and_table(tmp_path, keyword_table):
@@ -33,3 +35,16 @@ def test_medical_sets_carry_their_source_licence_and_readme_row(tmp_path, shared
     for d in by_name.values():  # the data folder README's own line for the file
         assert d["readme_header"].startswith("| file |")
         assert len(d["readme_rows"]) == 1 and d["files"][0] in d["readme_rows"][0]
+
+
+def test_provenance_records_the_source_commit(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    if not head:  # the suite runs from an exported tree, not a checkout
+        assert source_revision() is None
+        return
+    assert source_revision().removesuffix("+dirty") == head
+    # a folder that is not a git checkout has no revision
+    assert source_revision(tmp_path) is None

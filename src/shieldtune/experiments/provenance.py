@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -14,7 +15,14 @@ from shieldtune.data.builtin import BUILTIN_DATASETS, builtin_info, resolve_data
 from shieldtune.errors import DataError
 from shieldtune.experiments.config import ExperimentPlan
 
-__all__ = ["PACKAGES", "PROVENANCE_JSON", "cpu_name", "package_versions", "provenance"]
+__all__ = [
+    "PACKAGES",
+    "PROVENANCE_JSON",
+    "cpu_name",
+    "package_versions",
+    "source_revision",
+    "provenance",
+]
 
 PROVENANCE_JSON = "provenance.json"
 PACKAGES = ("shieldtune", "torch", "transformers", "peft", "flwr", "cryptography")
@@ -41,6 +49,37 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def source_revision(root: Path | None = None) -> str | None:
+    """The git commit of the shieldtune source that runs (``+dirty`` with local changes).
+
+    Args:
+        root: The checkout (default: the one this module runs from).
+
+    Returns:
+        The commit, or None when the source is not a git checkout (an installed wheel) or git
+        fails.
+    """
+    root = Path(__file__).resolve().parents[3] if root is None else root
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
 
 
 def _accelerator() -> str:
@@ -111,5 +150,6 @@ def provenance(plan: ExperimentPlan, argv: list[str] | None = None) -> dict[str,
         "cpu_count": os.cpu_count(),
         "accelerator": _accelerator(),
         "packages": package_versions(),
+        "source_revision": source_revision(),
         "data": _attribution(plan),
     }
