@@ -15,18 +15,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from shieldtune.adapters.base import head_parameters
+from shieldtune.adapters.base import head_parameters, hf_names, load_named
 from shieldtune.adapters.spf.config import SPFConfig
 from shieldtune.adapters.spf.layer import sparse_add
 from shieldtune.adapters.spf.model import DeltaEntry, SparseDelta, SPFModel
 from shieldtune.errors import ConfigError
 from shieldtune.models.slicing import ModelSlice
 
-__all__ = ["SPFAdapter", "attach_spf", "DELTA_FILE"]
+__all__ = ["SPFAdapter", "attach_spf", "DELTA_FILE", "HEAD_FILE"]
 
 DELTA_FILE = "spf_delta.safetensors"
+HEAD_FILE = "head.safetensors"  # the dense classification head of a seq-cls model
 
 
 class SPFAdapter:
@@ -34,7 +36,7 @@ class SPFAdapter:
 
     Args:
         slice_: The slice to fine-tune sparsely (usually the client's front slice).
-        model: The model the slice was cut from (unused; kept for the uniform attach signature).
+        model: The model the slice was cut from (names the head's tensors).
         settings: Density, saliency rule, warm-up batches, targets, seed.
         loss_fn: ``loss_fn(i)`` -> loss of warm-up batch ``i`` (the ``gradient`` rule needs it).
     """
@@ -55,10 +57,16 @@ class SPFAdapter:
             )
         self.settings = settings
         self.slice = slice_
-        self.spf = SPFModel.from_saliency(slice_, settings, loss_fn)
+        # the classification head trains densely with every adapter: never sparsified too (its
+        # values would be a second, overlapping parameter of the same weight)
+        self.spf = SPFModel.from_saliency(
+            slice_, settings, loss_fn, exclude=head_parameters(slice_)
+        )
         self._head = head_parameters(slice_)
         for p in self._head:
             p.requires_grad_(True)
+        names = hf_names(slice_, model)
+        self._head_named = {names[id(p)]: p for p in self._head}  # exported densely, as LoRA's
         self._base: dict[str, torch.Tensor] = {}  # weights before a global delta touched them
         self._off: dict[str, DeltaEntry] = {}  # the loaded global's entries off this mask
 
@@ -118,22 +126,29 @@ class SPFAdapter:
         return SparseDelta(entries)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sparse delta (``<weight>.indices`` / ``.values``) and, for seq-cls, the dense
+        classification head under its Hugging Face names."""
         out: dict[str, torch.Tensor] = {}
         for name, entry in self.delta().entries.items():
             out[f"{name}.indices"] = entry.indices.clone()
             out[f"{name}.values"] = entry.values.detach().clone()
+        out.update({name: p.detach().clone() for name, p in self._head_named.items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(zip(self.spf.indices, self.spf.trainable_parameters(), strict=True))
         expected = {f"{n}.{k}" for n in params for k in ("indices", "values")}
-        if set(state) != expected:
-            raise ConfigError(f"SPF state does not match: expected {len(expected)} tensors")
+        if set(state) != expected | set(self._head_named):
+            raise ConfigError(
+                f"SPF state does not match: expected {len(expected) + len(self._head_named)} "
+                "tensors (indices and values per sparsified weight, plus the head)"
+            )
         with torch.no_grad():
             for name, values in params.items():
                 if not torch.equal(state[f"{name}.indices"], self.spf.indices[name]):
                     raise ConfigError(f"SPF state for {name}: indices differ from this mask")
                 values.copy_(state[f"{name}.values"])
+        load_named(self._head_named, {n: state[n] for n in self._head_named})
 
     def save(self, out_dir: Path, *, base_model: str) -> None:
         """Write ``spf_delta.safetensors`` (indices + values of :meth:`whole_delta`) and
@@ -141,11 +156,18 @@ class SPFAdapter:
         out_dir.mkdir(parents=True, exist_ok=True)
         delta = self.whole_delta()
         delta.save(out_dir / DELTA_FILE)
+        if self._head_named:  # the dense classification head (seq-cls)
+            save_file(
+                {n: p.detach().contiguous().cpu() for n, p in self._head_named.items()},
+                str(out_dir / HEAD_FILE),
+                metadata={"format": "pt"},
+            )
         meta = {
             "method": "spf",
             "base_model": base_model,
             "slice": [self.slice.start, self.slice.end],
             "nnz": delta.nnz,
+            "head": HEAD_FILE if self._head_named else None,
             "bytes": delta.nbytes(),
             **self.settings.model_dump(),
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from os import PathLike
 from typing import NamedTuple
@@ -194,6 +194,7 @@ class SPFModel:
         module: nn.Module,
         config: SPFConfig,
         loss_fn: Callable[[int], Tensor] | None = None,
+        exclude: Collection[nn.Parameter] = (),
     ) -> SPFModel:
         """Choose the entries once by the config's saliency rule, then wrap the module.
 
@@ -202,6 +203,8 @@ class SPFModel:
             config: Density, rule, warm-up batches, targets, seed.
             loss_fn: ``loss_fn(i)`` returns the scalar loss of warm-up batch ``i``; needed by
                 the ``"gradient"`` rule. No ``.grad`` is left behind.
+            exclude: Parameters never sparsified (e.g. a classification head that trains
+                densely anyway).
 
         Returns:
             The wrapped model; exactly ``max(1, round(density * total))`` entries train.
@@ -210,7 +213,17 @@ class SPFModel:
             ConfigError: Nothing matches ``target_modules``, or ``"gradient"`` lacks ``loss_fn``.
             ShieldtuneError: A saliency score is NaN or infinite (e.g. a diverged warm-up loss).
         """
-        targets = select_targets(module, config.target_modules)
+        skip = {id(p) for p in exclude}
+        targets = {
+            n: p
+            for n, p in select_targets(module, config.target_modules).items()
+            if id(p) not in skip
+        }
+        if not targets:
+            raise ConfigError(
+                "spf.target_modules: every selected weight is one that trains densely anyway "
+                "(the classification head); name other weights"
+            )
         generator = torch.Generator().manual_seed(config.seed)
         scores = score(
             targets,
