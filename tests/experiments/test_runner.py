@@ -9,6 +9,7 @@ import shutil
 import statistics
 
 import pytest
+import yaml
 from _experiment import ROWS, experiment_data, run_cli, write_experiment
 
 from shieldtune.errors import ExitCode
@@ -145,6 +146,37 @@ def test_resume_refuses_cells_that_ran_another_config(tiny_experiment, tmp_path,
     result = run_cli("experiment", str(config), "--set", "train.lr=0.5")
     assert result.exit_code == ExitCode.CONFIG
     assert "ran another config (differs in train.lr)" in result.output
+
+
+def test_resume_reads_a_field_added_since_a_cell_ran_as_its_default(
+    tiny_experiment, tmp_path, keyword_table, monkeypatch
+):
+    # Prepare: one completed cell's saved config without split.clients (as written before that
+    # field existed), another's with a non-default value of it
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table)
+    saved = out / "runs" / "kw__local-lora__seed0" / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    del data["split"]["clients"]
+    saved.write_text(yaml.safe_dump(data))
+    calls = []
+    for mode in ("local", "plain-split"):
+        monkeypatch.setitem(RECIPES, mode, lambda cfg, on_progress=None: calls.append(cfg))
+    # Execute / assert: the old cell is reused, nothing runs
+    result = run_cli("experiment", str(config))
+    assert result.exit_code == 0, result.output
+    assert calls == []
+    # Negative: a saved value other than the default is still another config
+    data["split"]["clients"] = 2
+    saved.write_text(yaml.safe_dump(data))
+    refused = run_cli("experiment", str(config))
+    assert refused.exit_code == ExitCode.CONFIG
+    assert "ran another config (differs in split.clients)" in refused.output and calls == []
+    # Negative: a saved config the schema no longer accepts is named, not reused
+    data["split"]["clients"] = "many"
+    saved.write_text(yaml.safe_dump(data))
+    broken = run_cli("experiment", str(config))
+    assert broken.exit_code == ExitCode.CONFIG
+    assert "is no longer a valid config" in broken.output and calls == []
 
 
 def test_collect_writes_the_table_of_copied_cells_and_runs_nothing(

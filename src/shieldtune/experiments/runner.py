@@ -76,6 +76,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 def check_resumable(plan: ExperimentPlan) -> None:
     """Refuse to resume over completed cells that ran another config.
 
+    A saved config is read through the current schema, so a field added since the cell ran
+    compares as its default (the cell is reused if it ran that default).
+
     Raises:
         ConfigError: One line per such cell, naming the fields that differ.
     """
@@ -84,7 +87,16 @@ def check_resumable(plan: ExperimentPlan) -> None:
         saved = cell.run_dir / "config.yaml"
         if not (cell.run_dir / "summary.json").is_file() or not saved.is_file():
             continue
-        before = yaml.safe_load(saved.read_text()) or {}
+        try:  # through today's schema: a field added since then reads as its default
+            before = type(cell.config).model_validate(yaml.safe_load(saved.read_text()) or {})
+        except (ValueError, yaml.YAMLError) as err:
+            problems.append(
+                f"cell {cell.name}: the config.yaml of its completed run folder "
+                f"{cell.run_dir} is no longer a valid config ({str(err).splitlines()[0]}); "
+                "delete that folder or use another output_dir"
+            )
+            continue
+        before = before.model_dump(mode="json")
         now = cell.config.model_dump(mode="json")
         for key in ("output_dir", "run_name"):  # where the folder is, not what it ran
             before.pop(key, None)
