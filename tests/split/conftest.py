@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import torch
 from _tiny import write_keyword_table
 
+from shieldtune.attacks.views import WireTap
 from shieldtune.tee.backends.simulated import PLATFORM_KEY_ENV
 
 
@@ -28,54 +27,6 @@ def platform_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def keyword_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared learnable table, 64 rows (the fidelity runs are step-for-step anyway)."""
     return write_keyword_table(tmp_path_factory.mktemp("data") / "kw.csv", rows=64)
-
-
-class Tap(grpc.ServerInterceptor):
-    """Records every gRPC message the server receives or sends: (method, direction, bytes)."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, str, bytes]] = []
-        self._lock = threading.Lock()
-
-    def _keep(self, method: str, direction: str, data: bytes) -> None:
-        with self._lock:
-            self.messages.append((method, direction, bytes(data)))
-
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(details)
-        method = details.method
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            def unary(request: bytes, context: Any) -> bytes:
-                self._keep(method, "in", request)
-                reply = inner_uu(request, context)
-                self._keep(method, "out", reply)
-                return reply
-
-            return grpc.unary_unary_rpc_method_handler(unary)
-        inner_ss = handler.stream_stream
-
-        def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
-            def tapped() -> Iterator[bytes]:
-                for request in requests:
-                    self._keep(method, "in", request)
-                    yield request
-
-            for reply in inner_ss(tapped(), context):
-                self._keep(method, "out", reply)
-                yield reply
-
-        return grpc.stream_stream_rpc_method_handler(stream)
-
-    def joined(self) -> bytes:
-        """Every captured byte, concatenated."""
-        with self._lock:
-            return b"".join(m[2] for m in self.messages)
 
 
 # --------------------------------------------------------------------------- a live service
@@ -107,8 +58,9 @@ def tiny_program() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def tap() -> Tap:
-    return Tap()
+def tap() -> WireTap:
+    """The attack suite's tap on the relay: exactly the host operator's view of the traffic."""
+    return WireTap()
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +72,7 @@ def audit() -> Any:
 
 @pytest.fixture(scope="session")
 def split_service(
-    tiny_program: dict[str, Any], platform_key: Path, tap: Tap, audit: Any
+    tiny_program: dict[str, Any], platform_key: Path, tap: WireTap, audit: Any
 ) -> Iterator[Any]:
     """One split-server enclave behind a loopback gRPC relay, shared by the service tests."""
     from shieldtune.split.service import SplitService

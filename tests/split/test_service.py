@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import shieldtune.split.client as client_module
+from shieldtune.attacks.views import WireTap
 from shieldtune.crypto.framing import encode_frame
 from shieldtune.errors import AttestationError, ChannelError
 from shieldtune.models import load_model, slice_model
@@ -24,7 +25,7 @@ from shieldtune.training.rng import RngStream
 from shieldtune.training.steps import make_optim
 from shieldtune.transport.grpc_client import GrpcTransport
 
-from .conftest import LIMIT, Tap
+from .conftest import LIMIT
 
 pytestmark = pytest.mark.integration
 #: Tensor names allowed to cross the enclave boundary in the clear (public or simulation-only).
@@ -65,7 +66,7 @@ def _hidden(b: int = 2, t: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def test_training_through_the_service_sends_nothing_in_the_clear(
     split_service: SplitService,
     tiny_program: dict,
-    tap: Tap,
+    tap: WireTap,
     audit: AuditLog,
     make_batch: Callable[..., dict],
     monkeypatch: pytest.MonkeyPatch,
