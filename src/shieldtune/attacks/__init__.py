@@ -10,8 +10,9 @@ registry :data:`ATTACKS`:
 - ``mia-loss`` (:mod:`~shieldtune.attacks.mia_loss`) and ``mia-gradient``
   (:mod:`~shieldtune.attacks.mia_gradient`): membership inference from a client's visible
   update, with and without the DP option (:mod:`~shieldtune.attacks.dp`);
-- ``lora-extraction`` (:mod:`~shieldtune.attacks.adapter_extraction`): LoRA deltas from the
-  operands a Method 1 accelerator receives.
+- ``lora-extraction`` (:mod:`~shieldtune.attacks.adapter_extraction`) and
+  ``prefix-extraction`` (:mod:`~shieldtune.attacks.prefix_extraction`): LoRA deltas and
+  P-tuning v2 prefixes from the operands a Method 1 accelerator receives.
 
 :mod:`~shieldtune.attacks.views` reads tensors out of captured bytes as an attacker can,
 :mod:`~shieldtune.attacks.capture` captures each mode's view where its attacker sits,
@@ -26,6 +27,7 @@ from shieldtune.attacks import (  # noqa: F401  (each module registers its attac
     mia_gradient,
     mia_loss,
     nn_inversion,
+    prefix_extraction,
     prior_guess,
 )
 from shieldtune.attacks.base import (

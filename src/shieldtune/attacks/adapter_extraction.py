@@ -53,8 +53,9 @@ elsewhere the data decide. B starts at its seed, 0, and stays 0 where no operand
 exact given the attention pattern, which this attack does not rebuild); maps followed by an
 activation (gate/up, ``intermediate.dense``, ``c_fc``); the last layer's residual map when the
 next operand is the in-enclave head or BERT's [CLS]-only pooler. P-tuning v2's prefixes enter
-the softmax over [prefix; tokens] keys: no exact linear relation, not implemented. ``build``
-refuses an adapter with nothing to attack.
+the softmax over [prefix; tokens] keys, with no linear relation: ``prefix-extraction``
+(:mod:`~shieldtune.attacks.prefix_extraction`) fits them instead. ``build`` refuses an adapter
+with nothing to attack.
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ import torch
 from torch import Tensor, nn
 
 from shieldtune.adapters import ADAPTERS, parse_config
+from shieldtune.attacks._rebuild import (
+    accelerator_weight,
+    layer_norm_scale,
+    offloaded_maps,
+    public_party,
+)
 from shieldtune.attacks.base import register_attack
 from shieldtune.errors import ConfigError
 from shieldtune.models.families import family_of
-from shieldtune.shielded.field import quantize_weight
-from shieldtune.shielded.linear import frozen_linears
-from shieldtune.shielded.program import ShieldedParty
 
 __all__ = ["LoraExtractor", "build_lora_extractor", "solve_low_rank"]
 
@@ -138,19 +142,6 @@ _FIRST = {"bert": "bert.embeddings.LayerNorm"}
 _FINAL = {"llama": ("lm_head", "model.norm"), "gpt2": ("lm_head", "transformer.ln_f")}
 
 
-def _layer_norm_scale(v: Tensor, w: Tensor) -> Tensor:
-    """Per row, the c > 0 for which n = c·v − w has mean 0 and variance 1 (a LayerNorm output
-    γ ⊙ n + β seen as u = (γ ⊙ n + β)/c gives v = u/γ, w = β/γ): a root of the variance
-    condition, the one that best meets the mean condition. (n, d), (d,) -> (n, 1)."""
-    vc, wc = v - v.mean(1, keepdim=True), w - w.mean()
-    a = vc.pow(2).mean(1, keepdim=True)  # c² var(v) − 2c cov(v, w) + var(w) − 1 = 0
-    b = (vc * wc).mean(1, keepdim=True)
-    root = (b.pow(2) - a * (wc.pow(2).mean() - 1)).clamp_min(0).sqrt()
-    roots = torch.cat([(b + root) / a, (b - root) / a], dim=1)  # (n, 2)
-    miss = (roots * v.mean(1, keepdim=True) - w.mean()).abs() + 1e9 * (roots <= 0)
-    return roots.gather(1, miss.argmin(1, keepdim=True))
-
-
 @dataclass(frozen=True)
 class _Reading:
     """The residual stream read off map ``map_id``'s operand u, the output of a norm (γ, β).
@@ -171,7 +162,7 @@ class _Reading:
         if self.beta is None:
             return [u / self.gamma]
         v, w = u / self.gamma, self.beta / self.gamma
-        n = _layer_norm_scale(v, w) * v - w  # (n, d): mean 0, variance 1 per row
+        n = layer_norm_scale(v, w) * v - w  # (n, d): mean 0, variance 1 per row
         return [n * self.gamma + self.beta] if self.post else [n, torch.ones_like(w)]
 
 
@@ -377,8 +368,11 @@ class LoraExtractor:
             bases.append(torch.stack(kept, dim=-1))  # (n, out, k)
         return torch.cat(us), torch.cat(bases)
 
-    def __call__(self, passes: Sequence[Mapping[int, Tensor]]) -> dict[str, Tensor]:
-        """``{map name: (out, in) recovered ΔW}`` from forward passes under one adapter state.
+    def __call__(
+        self, passes: Sequence[Mapping[int, Tensor]], masks: Sequence[Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """``{map name: (out, in) recovered ΔW}`` from forward passes under one adapter state
+        (token-wise: the batches' ``masks`` are not needed).
 
         Raises:
             KeyError: A pass lacks the operand of a map the attack reads.
@@ -429,28 +423,19 @@ def build_lora_extractor(
     if method != "lora":
         raise ConfigError(
             f"adapter extraction: method {method!r} is not attacked (LoRA only; P-tuning v2 "
-            "prefixes enter the attention softmax, no exact relation)"
+            "prefixes: attack 'prefix-extraction')"
         )
-    party = ShieldedParty(
-        model=model,
+    party = public_party(
+        model,
+        {"method": "lora", **options},
         task=task,
         num_labels=num_labels,
-        adapter={"method": "lora", **options},
-        lr=1e-3,
-        train=None,
         seed=seed,
-        total_steps=1,
-        offload=False,
-        w_bits=w_bits or 0,
-        field_bits=0,
-        max_bits=0,
-        check_rate=1.0,
-        pool_size=0,
-        rows=1,
+        w_bits=w_bits,
     )
     settings = parse_config(ADAPTERS.get("lora").config_cls, options, "adapter")
     root = party.adapter.model
-    maps = {f.name: (i, f) for i, f in enumerate(frozen_linears(party.whole, root))}
+    maps = offloaded_maps(party, root)
     init = party.adapter.state_dict()
     adapted = [k.removesuffix(".lora_A.default.weight") for k in init if ".lora_A." in k]
     family = family_of(root).name
@@ -466,17 +451,13 @@ def build_lora_extractor(
                 b_norm = _FIRST[family]
             if name not in adapted or nxt not in maps:
                 continue
-            weight = maps[name][1].weight.detach()
-            if w_bits:
-                qw = quantize_weight(weight, w_bits)
-                weight = qw.w_int.to(_F64) * qw.scale.to(_F64)[:, None]
-            bias = maps[name][1].bias
+            weight, bias = accelerator_weight(maps[name][1], w_bits)
             sites.append(
                 _Site(
                     name,
                     maps[name][0],
-                    weight.to(_F64),
-                    None if bias is None else bias.detach().to(_F64),
+                    weight,
+                    bias,
                     _reading(
                         maps[b_map.format(**names)][0],
                         root.get_submodule(b_norm.format(**names)),

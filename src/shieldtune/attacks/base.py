@@ -18,8 +18,12 @@ Surfaces (what the attacker reads):
   offloaded frozen linear map, in order, decoded as that worker reads them (the field
   elements, centred). Built by ``build(model, adapter, *, task, num_labels, seed, w_bits) ->
   AdapterExtractor`` from the public model, the adapter's settings (method, targets, rank,
-  alpha) and the public seed; an :class:`AdapterExtractor` maps forward passes (``{map id:
-  (n, d_in) operand rows}``, one adapter state) to ``{map name: (out, in) recovered ΔW}``.
+  alpha; a prefix's length) and the public seed; an :class:`AdapterExtractor` maps forward
+  passes (``{map id: (n, d_in) operand rows}``, one adapter state) and each pass's (B, T)
+  padding mask (the batch layout) to ``{name: recovered tensor}``: a LoRA map's ΔW, a prefix
+  layer's change of keys and of values. An extractor may also offer ``scores(est, guess,
+  state, holdout)``, rows of its own metrics (``prefix-extraction``: the recovered prefix's
+  effect on held-out tokens).
 
 Adding an attack: one module ``attacks/<name>.py`` ending with one :func:`register_attack`
 call, imported in ``attacks/__init__.py``; its tests show it succeeds on the plain mode and
@@ -72,14 +76,19 @@ class MembershipScorer(Protocol):
 class AdapterExtractor(Protocol):
     """A built adapter-extraction attack on what a Method 1 accelerator receives."""
 
-    rank: int  # the adapter's rank (a random guess of the same rank is a chance level)
+    rank: int  # the adapter's rank (a random guess of that rank is a chance level; 0: full)
 
-    def __call__(self, passes: Sequence[Mapping[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Map forward passes under one adapter state to ``{map name: (out, in) ΔW}`` (float64)."""
+    def __call__(
+        self,
+        passes: Sequence[Mapping[int, torch.Tensor]],
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Map forward passes under one adapter state (and each pass's (B, T) padding mask) to
+        ``{name: recovered change}`` (float64; a LoRA map's (out, in) ΔW)."""
         ...
 
     def deltas(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The true ``{map name: ΔW}`` of the maps it attacks, from an adapter state (scoring)."""
+        """The true changes it recovers, named as its estimates, from an adapter state."""
         ...
 
 

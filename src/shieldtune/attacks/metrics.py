@@ -34,6 +34,7 @@ __all__ = [
     "relative_error",
     "cosine",
     "random_low_rank_guess",
+    "random_guess",
 ]
 
 
@@ -313,5 +314,25 @@ def random_low_rank_guess(
         left = torch.randn(t.shape[0], rank, generator=generator, dtype=torch.float64)
         right = torch.randn(rank, t.shape[1], generator=generator, dtype=torch.float64)
         guess = left @ right
+        out[name] = guess * (float(t.double().norm()) / float(guess.norm()))
+    return out
+
+
+def random_guess(
+    true: Mapping[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Per tensor, a Gaussian one with the true tensor's shape and norm (a full-rank guess that
+    knows the size of the secret and nothing else; relative error about √2).
+
+    Args:
+        true: ``name -> tensor`` true values (e.g. a prefix's change).
+        generator: Source of the draws.
+
+    Returns:
+        ``name -> tensor`` float64.
+    """
+    out = {}
+    for name, t in true.items():
+        guess = torch.randn(t.shape, generator=generator, dtype=torch.float64)
         out[name] = guess * (float(t.double().norm()) / float(guess.norm()))
     return out

@@ -3,19 +3,21 @@
 Each row is ``{attack, mode, cut, defence, metric, value, chance, n}``:
 
 - ``metric``: ``token_recovery`` / ``rouge_l`` (inversion), ``auc`` / ``advantage``
-  (membership), ``relative_error`` / ``cosine`` (adapter extraction); ``value`` is what the
-  attack scored;
+  (membership), ``relative_error`` / ``cosine`` (adapter extraction; prefix extraction adds
+  ``key_relative_error``, ``value_relative_error`` and ``attention_error``); ``value`` is what
+  the attack scored;
 - ``chance``: what an attacker scores without reading the view (see
   :mod:`shieldtune.attacks.metrics`): for inversion the larger of the oracle blind guess and the
   attack's outputs scored against another row's text, 0.5 for AUC, the shuffled-label mean for
   advantage; for extraction the public initial adapter's score (relative error 1.0, cosine 0),
-  and relative-error rows also carry ``random_guess``, a random guess of the right rank and
-  norm;
+  and relative-error rows (``attention_error`` too) also carry ``random_guess``, the score of a
+  random guess of the right norm (and LoRA's rank);
 - ``cut``: the split layer (None for membership and extraction); ``defence``: ``none`` or the
   DP setting;
-  ``n``: scored token positions, candidate examples or attacked maps; membership rows also
-  carry ``repeats``, the noise draws or seals their value is the mean of; extraction rows
-  ``rows`` (token rows the attack read) and ``adapted`` (adapted maps, attacked or not).
+  ``n``: scored token positions, candidate examples or attacked maps (prefix: layers);
+  membership rows also carry ``repeats``, the noise draws or seals their value is the mean of;
+  extraction rows ``rows`` (token rows the attack read) and ``adapted`` (adapted maps or
+  prefixed layers, attacked or not).
 
 :func:`leakage_vs_cut` runs the inversion attacks (:class:`InversionSuite`),
 :func:`update_leakage` the membership attacks (:class:`MembershipSuite`),
@@ -56,6 +58,7 @@ from shieldtune.attacks.metrics import (
     mean_rouge_l,
     mismatched_rows,
     null_advantage,
+    random_guess,
     random_low_rank_guess,
     relative_error,
     roc_auc,
@@ -383,14 +386,18 @@ class ExtractionSuite:
 
     Attributes:
         model: Preset or folder.
-        adapter: The party's adapter settings (``method``, targets, rank, alpha).
+        adapter: The party's adapter settings (``method``; LoRA's targets, rank, alpha; a
+            prefix's ``num_virtual_tokens``).
         train: The victim's batches (with labels), one step each, so its adapter is no longer
-            the seeded one (B ≠ 0); see :func:`~shieldtune.attacks.capture.victim_party`.
+            the seeded one (LoRA: B ≠ 0); see :func:`~shieldtune.attacks.capture.victim_party`.
         evaluate: Batches whose evaluation forwards the accelerator then receives, per mode.
+        holdout: Batches no view contains, for attacks that score the recovered adapter's
+            effect on unseen tokens (``prefix-extraction``'s ``attention_error``).
         task: The party's task.
         num_labels: Its classes (seq-cls).
         modes: Of :data:`EXTRACTION_MODES`.
-        attacks: Registered ``accelerator`` attacks.
+        attacks: Registered ``accelerator`` attacks that read the adapter's method
+            (``lora-extraction``: LoRA; ``prefix-extraction``: P-tuning v2 prefixes).
         control: Also run each attack on random operands of the views' shapes.
         lr: The party's learning rate.
         w_bits: Bits of the integer weights.
@@ -403,6 +410,7 @@ class ExtractionSuite:
     adapter: dict[str, Any]
     train: Sequence[dict[str, torch.Tensor]]
     evaluate: Sequence[dict[str, torch.Tensor]]
+    holdout: Sequence[dict[str, torch.Tensor]] = ()
     task: str = "seq-cls"
     num_labels: int | None = 2
     modes: Sequence[str] = EXTRACTION_MODES
@@ -441,7 +449,9 @@ def extraction_leakage(
         on_progress: Called with a short line per (attack, view).
 
     Returns:
-        Rows (see the module docstring), two metrics per (attack, view).
+        Rows (see the module docstring), two metrics per (attack, view), then the attack's
+        own, if it scores more (``scores``: ``prefix-extraction``'s per-part relative errors
+        and ``attention_error``).
 
     Raises:
         ConfigError: Unknown mode or attack, an attack of another surface, or an adapter the
@@ -473,7 +483,7 @@ def extraction_leakage(
     gen = torch.Generator().manual_seed(suite.seed)
     truths = [attack.deltas(state) for _, attack in attacks]
     guesses = [
-        relative_error(random_low_rank_guess(true, attack.rank, gen), true)
+        random_low_rank_guess(true, attack.rank, gen) if attack.rank else random_guess(true, gen)
         for (_, attack), true in zip(attacks, truths, strict=True)
     ]
     start = time.perf_counter()
@@ -492,14 +502,26 @@ def extraction_leakage(
             {i: torch.randn(t.shape, generator=gen, dtype=torch.float64) for i, t in p.items()}
             for p in shapes
         ]
+    masks = [b["attention_mask"] for b in suite.evaluate]  # the batch layout of each pass
     rows: list[Row] = []
     for mode, passes in views.items():
         for (name, attack), true, guess in zip(attacks, truths, guesses, strict=True):
-            base = {"n": len(true), "rows": sum(next(iter(p.values())).shape[0] for p in passes)}
-            base["adapted"] = len(getattr(attack, "adapted", true))
+            base = {
+                "n": len(getattr(attack, "names", true)),
+                "rows": sum(next(iter(p.values())).shape[0] for p in passes),
+                "adapted": len(getattr(attack, "adapted", true)),
+            }
             start = time.perf_counter()
-            est = attack(passes)
+            est = attack(passes, masks)
             seconds = time.perf_counter() - start
-            rows.extend(_extraction_rows(name, mode, est, true, base, guess))
-            say(f"{name} {mode}: relative error {rows[-2]['value']:.3f} (attack {seconds:.0f} s)")
+            error = relative_error(guess, true)
+            rows.extend(_extraction_rows(name, mode, est, true, base, error))
+            scores = getattr(attack, "scores", None)  # the attack's own metrics, if any
+            if scores is not None:
+                row = {"attack": name, "mode": mode, "cut": None, "defence": "none", **base}
+                rows.extend({**row, **r} for r in scores(est, guess, state, suite.holdout))
+            say(
+                f"{name} {mode}: relative error {relative_error(est, true):.3f} "
+                f"(attack {seconds:.0f} s)"
+            )
     return rows
