@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from shieldtune.config import load_config
 from shieldtune.errors import ConfigError
 from shieldtune.experiments.config import Cell, ExperimentPlan
 from shieldtune.experiments.provenance import PROVENANCE_JSON, provenance
@@ -87,16 +88,15 @@ def check_resumable(plan: ExperimentPlan) -> None:
         saved = cell.run_dir / "config.yaml"
         if not (cell.run_dir / "summary.json").is_file() or not saved.is_file():
             continue
-        try:  # through today's schema: a field added since then reads as its default
-            before = type(cell.config).model_validate(yaml.safe_load(saved.read_text()) or {})
-        except (ValueError, yaml.YAMLError) as err:
+        try:
+            before = load_config(saved).model_dump(mode="json")
+        except ConfigError as err:
             problems.append(
                 f"cell {cell.name}: the config.yaml of its completed run folder "
-                f"{cell.run_dir} is no longer a valid config ({str(err).splitlines()[0]}); "
+                f"{cell.run_dir} is no longer a valid config ({err.problems[0]}); "
                 "delete that folder or use another output_dir"
             )
             continue
-        before = before.model_dump(mode="json")
         now = cell.config.model_dump(mode="json")
         for key in ("output_dir", "run_name"):  # where the folder is, not what it ran
             before.pop(key, None)
