@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 import yaml
 from _experiment import ROWS, experiment_data, run_cli, write_experiment
+from _procs import REPO
 
 from shieldtune.errors import ExitCode
-from shieldtune.experiments import load_experiment, run_experiment
+from shieldtune.experiments import load_experiment, run_experiment, runner
 from shieldtune.recipes import RECIPES
 from shieldtune.report.tables import fmt_stat
 
@@ -221,3 +225,117 @@ def test_collect_writes_the_table_of_copied_cells_and_runs_nothing(
     refused = run_cli("experiment", str(bad), "--collect")
     assert refused.exit_code == ExitCode.CONFIG
     assert "ran another config" in refused.output and calls == []
+
+
+def test_selected_cells_run_and_every_cell_is_tabled(tmp_path, keyword_table, monkeypatch):
+    # Prepare: a fresh folder; recipes counted (and run for real)
+    out = tmp_path / "out"
+    config = write_experiment(tmp_path / "exp.yaml", experiment_data(keyword_table, out))
+    calls = []
+    for mode in ("local", "plain-split"):
+        real = RECIPES[mode]
+
+        def counted(cfg, on_progress=None, real=real):
+            calls.append(cfg.run_name)
+            return real(cfg, on_progress=on_progress)
+
+        monkeypatch.setitem(RECIPES, mode, counted)
+    # Execute
+    result = run_cli("experiment", str(config), "--seed", "1", "--row", "local LoRA")
+    # Assert: only that cell ran; the table lists every cell, the others pending
+    assert result.exit_code == 0, result.output
+    assert calls == ["kw__local-lora__seed1"]
+    status = {c["name"]: c["status"] for c in _results(out)["cells"]}
+    assert status == {
+        "kw__local-lora__seed0": "pending",
+        "kw__local-lora__seed1": "ok",
+        "kw__plain-split-lora__seed0": "pending",
+        "kw__plain-split-lora__seed1": "pending",
+    }
+    (invocation,) = json.loads((out / "provenance.json").read_text())["invocations"]
+    assert invocation["only"] == invocation["ran"] == ["kw__local-lora__seed1"]
+    # Negative: values the experiment lacks are named with its values, nothing runs
+    bad = run_cli("experiment", str(config), "--seed", "7", "--row", "nope", "--dataset", "kw")
+    assert bad.exit_code == ExitCode.CONFIG
+    assert "--seed 7: the experiment has no such seed; its seeds: 0, 1" in bad.output
+    assert "--row 'nope': the experiment has no such row" in bad.output
+    both = run_cli("experiment", str(config), "--collect", "--seed", "0")
+    assert both.exit_code == ExitCode.CONFIG and "--collect runs no cell" in both.output
+    assert calls == ["kw__local-lora__seed1"]
+
+
+def test_a_cell_another_invocation_runs_is_left_to_it_and_tabled_once_done(
+    tiny_experiment, tmp_path, keyword_table, monkeypatch
+):
+    # Prepare: two cells missing; another invocation holds local-lora seed 1's lock, and
+    # completes it while this one runs plain-split seed 1
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table)
+    held, mine = "kw__local-lora__seed1", "kw__plain-split-lora__seed1"
+    for name in (held, mine):
+        shutil.rmtree(out / "runs" / name)
+    real, real_local, calls = RECIPES["plain-split"], RECIPES["local"], []
+
+    def split_then_other_finishes(cfg, on_progress=None):
+        calls.append(cfg.run_name)
+        run_dir = real(cfg, on_progress=on_progress)
+        shutil.copytree(tiny_experiment.folder / "runs" / held, out / "runs" / held)
+        return run_dir
+
+    monkeypatch.setitem(RECIPES, "plain-split", split_then_other_finishes)
+    monkeypatch.setitem(RECIPES, "local", lambda cfg, on_progress=None: calls.append(cfg))
+    seen = {}
+    # Execute
+    with runner._lock(out / runner.LOCKS_DIR / f"{held}.lock") as other:
+        assert other
+        records = run_experiment(
+            load_experiment(config), on_record=lambda i, r: seen.setdefault(r["name"], r)
+        )
+    # Assert: the held cell was not run here, was reported as running elsewhere, and the table
+    # written last holds it, completed
+    assert calls == [mine]
+    assert seen[held]["status"] == "pending" and seen[held]["elsewhere"] is True
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert {c["name"]: c["status"] for c in _results(out)["cells"]}[held] == "ok"
+    invocations = json.loads((out / "provenance.json").read_text())["invocations"]
+    assert invocations[-1]["ran"] == [mine]
+    # Negative: without the lock held the cell is this invocation's to run
+    shutil.rmtree(out / "runs" / held)
+
+    def local(cfg, on_progress=None):
+        calls.append(cfg.run_name)
+        return real_local(cfg, on_progress=on_progress)
+
+    monkeypatch.setitem(RECIPES, "local", local)
+    records = run_experiment(load_experiment(config))
+    assert calls == [mine, held] and records[1]["status"] == "ok" and not records[1]["reused"]
+
+
+def test_two_processes_share_one_grid_and_run_each_cell_once(tmp_path, keyword_table):
+    # Prepare: the tiny grid in a fresh folder, two real `shieldtune experiment` processes on it
+    out = tmp_path / "out"
+    config = write_experiment(tmp_path / "exp.yaml", experiment_data(keyword_table, out))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [sys.executable, "-m", "shieldtune.cli.app", "experiment", str(config)]
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    # Assert: both succeed; every cell ran in exactly one of them; the table is complete
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    invocations = json.loads((out / "provenance.json").read_text())["invocations"]
+    ran = [name for i in invocations for name in i["ran"]]
+    cells = [c["name"] for c in _results(out)["cells"]]
+    assert len(invocations) == 2 and sorted(ran) == sorted(cells)
+    assert [c["status"] for c in _results(out)["cells"]] == ["ok"] * 4
+    assert not list((out / "runs").glob(".partial-*"))

@@ -73,12 +73,27 @@ def experiment(
             "(e.g. copied into runs/ from another machine); the others stay pending",
         ),
     ] = False,
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", help="run only the cells of this seed (repeat)")
+    ] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option("--dataset", help="run only the cells of this dataset (repeat)"),
+    ] = None,
+    row: Annotated[
+        list[str] | None,
+        typer.Option("--row", help="run only the cells of this row, by its name (repeat)"),
+    ] = None,
 ) -> None:
     """Run a grid of datasets × rows × seeds through the recipes; write one results table
-    (results.csv, results.json, results.md). Running it again resumes."""
-    from shieldtune.cli.experiment import experiment_command
+    (results.csv, results.json, results.md). Running it again resumes; several invocations
+    may share one folder (each cell runs once, under a lock)."""
+    from shieldtune.cli.experiment import Selection, experiment_command
 
-    _exit(guarded(lambda: experiment_command(config, set_ or [], output_dir, dry_run, collect)))
+    only = Selection(tuple(seed or ()), tuple(dataset or ()), tuple(row or ()))
+    _exit(
+        guarded(lambda: experiment_command(config, set_ or [], output_dir, dry_run, collect, only))
+    )
 
 
 @app.command(epilog=_REPORT_EPILOG)

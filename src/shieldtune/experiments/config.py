@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,41 @@ class ExperimentPlan:
     cells: tuple[Cell, ...]
     output_dir: Path
     source: Path | None = None
+
+    def select(
+        self,
+        *,
+        seeds: Sequence[int] = (),
+        datasets: Sequence[str] = (),
+        rows: Sequence[str] = (),
+    ) -> frozenset[str]:
+        """The names of the cells with one of ``seeds``, one of ``datasets`` and one of ``rows``
+        (an empty filter takes them all): what ``shieldtune experiment --seed/--dataset/--row``
+        runs.
+
+        Raises:
+            ConfigError: One line per value the experiment does not have, naming its values.
+        """
+        have = {
+            "seed": [c.seed for c in self.cells],
+            "dataset": [c.dataset for c in self.cells],
+            "row": [c.row for c in self.cells],
+        }
+        wanted: dict[str, Sequence[Any]] = {"seed": seeds, "dataset": datasets, "row": rows}
+        problems = [
+            f"--{key} {value!r}: the experiment has no such {key}; its {key}s: "
+            + ", ".join(repr(v) for v in dict.fromkeys(have[key]))
+            for key, values in wanted.items()
+            for value in values
+            if value not in have[key]
+        ]
+        if problems:
+            raise ConfigError(problems)
+        return frozenset(
+            c.name
+            for c in self.cells
+            if all(not wanted[k] or getattr(c, k) in wanted[k] for k in wanted)
+        )
 
     def resolved(self) -> dict[str, Any]:
         """The experiment config with its base read in (what ``experiment.yaml`` records)."""

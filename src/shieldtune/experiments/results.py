@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "summarise",
     "compare",
     "write_results",
+    "write_atomic",
 ]
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
@@ -76,6 +78,13 @@ def bytes_sent(summary: dict[str, Any]) -> tuple[int | None, str | None]:
         total = int(summary["offload_bytes_sent"]) + int(summary.get("offload_bytes_received", 0))
         return total, "masked operands to and from the accelerator"
     return None, None
+
+
+def write_atomic(file: Path, text: str) -> None:
+    """Replace ``file`` with ``text`` in one step: a reader sees the old or the new file whole."""
+    part = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    part.write_text(text)
+    os.replace(part, file)
 
 
 def _base_record(cell: Cell, status: str) -> Record:
@@ -301,9 +310,9 @@ def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, 
     }
     out = Path(plan.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=1))
-    (out / RESULTS_CSV).write_text(_csv(summary, records))
-    (out / RESULTS_MD).write_text(
-        _markdown(plan.config.name, status, summary, comparisons, records)
+    write_atomic(out / RESULTS_JSON, json.dumps(results, indent=1))
+    write_atomic(out / RESULTS_CSV, _csv(summary, records))
+    write_atomic(
+        out / RESULTS_MD, _markdown(plan.config.name, status, summary, comparisons, records)
     )
     return results

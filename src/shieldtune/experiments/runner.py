@@ -17,14 +17,24 @@ run again, provided it ran the same config; failed and missing cells run. With `
 (``shieldtune experiment --collect``) nothing runs: the table is written from the cells that
 completed (in this folder, or copied into ``runs/`` from another machine or from an experiment
 over a subset of the seeds or datasets), the others stay ``pending``.
+
+``only`` (``--seed`` / ``--dataset`` / ``--row``) runs a subset of the cells and tables them
+all, the others read from disk where they completed. Several invocations may work on one folder
+at once (on one machine, or on machines sharing it): a cell runs under an exclusive lock
+(``.locks/<cell>.lock``), so an invocation that reaches a cell another one is running leaves it
+to that one (``pending`` here, ``elsewhere: true``) and goes on; the table is rewritten after
+every cell from what is on disk, so the last invocation to finish tables everything;
+``provenance.json`` is updated under its own lock, one entry per invocation.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 import traceback
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,13 +50,22 @@ from shieldtune.experiments.results import (
     failed_record,
     ok_record,
     pending_record,
+    write_atomic,
     write_results,
 )
 
-__all__ = ["EXPERIMENT_YAML", "CELLS_DIR", "Progress", "run_experiment", "check_resumable"]
+__all__ = [
+    "EXPERIMENT_YAML",
+    "CELLS_DIR",
+    "LOCKS_DIR",
+    "Progress",
+    "run_experiment",
+    "check_resumable",
+]
 
 EXPERIMENT_YAML = "experiment.yaml"
 CELLS_DIR = "cells"
+LOCKS_DIR = ".locks"
 
 Progress = Callable[[Cell], AbstractContextManager[Callable[[dict[str, Any]], None] | None]]
 """Gives each cell a context whose value is the recipe's ``on_progress`` callback (or None)."""
@@ -118,42 +137,79 @@ def _earlier_wall(out: Path, cell: Cell) -> float | None:
         return None
 
 
+@contextmanager
+def _lock(file: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``file`` (created if missing) for the block.
+
+    Yields:
+        True when held; False (without ``wait``) when another process holds it.
+    """
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _completed(cell: Cell, out: Path) -> Record | None:
+    """The record of a cell whose run folder completed (in any invocation), else None."""
+    done = cell.run_dir / "summary.json"
+    if not done.is_file():
+        return None
+    return ok_record(cell, json.loads(done.read_text()), _earlier_wall(out, cell), True)
+
+
 def _run_cell(cell: Cell, out: Path, progress: Progress, run: bool = True) -> Record:
-    """One cell: read it if its run folder completed earlier, else run its recipe (if ``run``)."""
+    """One cell: read it if its run folder completed earlier, else run its recipe (if ``run``
+    and no other invocation is running it)."""
     from shieldtune.recipes import RECIPES
 
-    done = cell.run_dir / "summary.json"
-    if done.is_file():
-        return ok_record(cell, json.loads(done.read_text()), _earlier_wall(out, cell), True)
-    if not run:
-        return pending_record(cell)
-    started = time.perf_counter()
-    try:
-        with progress(cell) as update:
-            run_dir = RECIPES[cell.config.mode](cell.config, on_progress=update)
-    except Exception as err:  # the grid goes on; the record keeps the error
-        record = failed_record(cell, err, time.perf_counter() - started)
-        trace = "".join(traceback.format_exception(err))
-        (out / CELLS_DIR / f"{cell.name}.traceback.txt").write_text(trace)
-    else:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-        record = ok_record(cell, summary, time.perf_counter() - started, False)
-    (out / CELLS_DIR / f"{cell.name}.json").write_text(json.dumps(record, indent=1))
+    record = _completed(cell, out)
+    if record is not None or not run:
+        return record or pending_record(cell)
+    with _lock(out / LOCKS_DIR / f"{cell.name}.lock", wait=False) as mine:
+        if not mine:
+            return {**pending_record(cell), "elsewhere": True}
+        record = _completed(cell, out)  # another invocation may have finished it just now
+        if record is not None:
+            return record
+        started = time.perf_counter()
+        try:
+            with progress(cell) as update:
+                run_dir = RECIPES[cell.config.mode](cell.config, on_progress=update)
+        except Exception as err:  # the grid goes on; the record keeps the error
+            record = failed_record(cell, err, time.perf_counter() - started)
+            trace = "".join(traceback.format_exception(err))
+            (out / CELLS_DIR / f"{cell.name}.traceback.txt").write_text(trace)
+        else:
+            summary = json.loads((Path(run_dir) / "summary.json").read_text())
+            record = ok_record(cell, summary, time.perf_counter() - started, False)
+        write_atomic(out / CELLS_DIR / f"{cell.name}.json", json.dumps(record, indent=1))
     return record
 
 
-def _save_invocation(out: Path, entry: dict[str, Any], *, new: bool) -> None:
-    """Record this invocation in ``provenance.json`` (earlier invocations kept)."""
+def _save_invocation(out: Path, entry: dict[str, Any]) -> None:
+    """Record this invocation in ``provenance.json``: its entry (by ``entry["invocation"]``)
+    replaced or appended, every other invocation's kept."""
     file = out / PROVENANCE_JSON
-    try:
-        invocations = json.loads(file.read_text())["invocations"]
-    except (OSError, ValueError, KeyError, TypeError):
-        invocations, new = [], True
-    if new:
-        invocations.append(entry)
-    else:
-        invocations[-1] = entry
-    file.write_text(json.dumps({"invocations": invocations}, indent=1))
+    with _lock(out / LOCKS_DIR / f"{PROVENANCE_JSON}.lock"):
+        try:
+            invocations = json.loads(file.read_text())["invocations"]
+            invocations = [e for e in invocations if isinstance(e, dict)]
+        except (OSError, ValueError, KeyError, TypeError):
+            invocations = []
+        ids = [e.get("invocation") for e in invocations]
+        if entry["invocation"] in ids:
+            invocations[ids.index(entry["invocation"])] = entry
+        else:
+            invocations.append(entry)
+        write_atomic(file, json.dumps({"invocations": invocations}, indent=1))
 
 
 def run_experiment(
@@ -163,6 +219,7 @@ def run_experiment(
     on_record: Callable[[int, Record], None] | None = None,
     argv: list[str] | None = None,
     run: bool = True,
+    only: Collection[str] | None = None,
 ) -> list[Record]:
     """Run (or resume) every cell of an experiment and write its results table.
 
@@ -172,10 +229,12 @@ def run_experiment(
         on_record: Called with ``(index, record)`` after each cell.
         argv: The command line, recorded in ``provenance.json`` (default: ``sys.argv``).
         run: False: run no cell, only write the table of the completed ones (``--collect``).
+        only: Names of the cells to run (:meth:`ExperimentPlan.select`); the others are only
+            read. None: every cell.
 
     Returns:
-        One record per cell, ``status`` ``ok`` or ``failed`` (or ``pending`` when not run), in
-        the plan's order.
+        One record per cell, ``status`` ``ok`` or ``failed`` (or ``pending`` when not run, or
+        run by another invocation: ``elsewhere``), in the plan's order.
 
     Raises:
         ConfigError: A completed cell ran another config (nothing is run then).
@@ -185,18 +244,29 @@ def run_experiment(
     check_resumable(plan)
     out = plan.output_dir
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / EXPERIMENT_YAML).write_text(
-        yaml.dump(plan.resolved(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
+    write_atomic(
+        out / EXPERIMENT_YAML,
+        yaml.dump(plan.resolved(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True),
     )
-    entry = {**provenance(plan, argv), "ran": [], **({} if run else {"collect": True})}
-    _save_invocation(out, entry, new=True)
+    entry = {
+        "invocation": uuid.uuid4().hex[:16],
+        **provenance(plan, argv),
+        **({} if only is None else {"only": sorted(only)}),
+        "ran": [],
+        **({} if run else {"collect": True}),
+    }
+    _save_invocation(out, entry)
     records = [pending_record(c) for c in plan.cells]
     write_results(plan, records)
     for i, cell in enumerate(plan.cells):
-        records[i] = _run_cell(cell, out, progress or _no_progress, run)
+        selected = run and (only is None or cell.name in only)
+        records[i] = _run_cell(cell, out, progress or _no_progress, selected)
         if records[i]["status"] != "pending" and not records[i]["reused"]:
             entry["ran"].append(cell.name)
-            _save_invocation(out, entry, new=False)
+            _save_invocation(out, entry)
+        for j, other in enumerate(plan.cells):  # cells other invocations completed meanwhile
+            if j != i and records[j]["status"] == "pending":
+                records[j] = _completed(other, out) or records[j]
         write_results(plan, records)
         if on_record is not None:
             on_record(i, records[i])
