@@ -62,18 +62,20 @@ def test_report_reads_attack_rows_and_benchmark_lines(tiny_experiment, tmp_path)
         for cut in (0, 2)
         for mode, value in (("plain-split", 0.9 - 0.1 * cut), ("split", 0.0))
     ]
-    rows.append(
+    rows += [
         {
             "attack": "mia-loss",
             "mode": "plain-fedavg",
             "cut": None,
             "defence": "none",
             "metric": "auc",
-            "value": 0.8,
+            "value": value,
             "chance": 0.5,
             "n": 64,
+            "adapter": adapter,
         }
-    )
+        for adapter, value in (("lora", 0.8), ("spf", 0.7))
+    ]
     (folder / "attacks" / "leakage.json").write_text(json.dumps(rows))
     (folder / "benchmarks").mkdir()
     (folder / "benchmarks" / "split.txt").write_text(
@@ -81,7 +83,9 @@ def test_report_reads_attack_rows_and_benchmark_lines(tiny_experiment, tmp_path)
     )
     html = write_report(folder)[0].read_text()
     assert 'alt="token_recovery"' in html  # the leakage-vs-cut plot
-    assert "0.700 (0.030)" in html and "0.800 (0.500)" in html  # value (chance)
+    assert "0.700 (0.030)" in html  # value (chance)
+    # two updates attacked alike are two lines, neither hidden behind the other
+    assert "0.800 (0.500)" in html and "0.700 (0.500)" in html
     assert "split.txt" in html and "1.750" in html
     assert "No attack results" not in html and "From benchmarks: none" not in html
 

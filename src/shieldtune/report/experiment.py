@@ -223,26 +223,35 @@ def _leakage_section(folder: Path) -> Section:
                     Image(f"leakage_{metric}.png", leakage_figure(by_cut, metric), metric)
                 )
     headers, table = _leakage_table(rows)
-    s.blocks.append(Table(headers, table, numeric=(3, *range(5, len(headers)))))
+    s.blocks.append(Table(headers, table, numeric=(4, *range(6, len(headers)))))
     return s
 
 
 def _leakage_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """One line per (file, attack, mode, cut, defence); a column per metric: value (chance)."""
+    """One line per (file, attack, adapter, mode, cut, defence); a column per metric: value
+    (chance). Rows without an adapter (hidden-state inversion) show "–" there."""
     metrics = list(dict.fromkeys(str(r["metric"]) for r in rows))
     lines: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:
-        cut = "–" if r.get("cut") is None else str(r["cut"])
         key = (
             str(r.get("file")),
             str(r["attack"]),
+            "–" if r.get("adapter") is None else str(r["adapter"]),
             str(r.get("mode")),
-            cut,
+            "–" if r.get("cut") is None else str(r["cut"]),
             str(r.get("defence", "none")),
         )
         chance = "" if r.get("chance") is None else f" ({float(r['chance']):.3f})"
         lines.setdefault(key, {})[str(r["metric"])] = f"{float(r['value']):.3f}{chance}"
-    headers = ["file", "attack", "mode", "cut", "defence", *(f"{m} (chance)" for m in metrics)]
+    headers = [
+        "file",
+        "attack",
+        "adapter",
+        "mode",
+        "cut",
+        "defence",
+        *(f"{m} (chance)" for m in metrics),
+    ]
     table = [[*key, *(cells.get(m, "–") for m in metrics)] for key, cells in lines.items()]
     return headers, table
 
