@@ -62,22 +62,22 @@ def experiment_command(
 
     plan = load_experiment(config, overrides, output_dir)  # every cell validated, at the edge
     selection = selection or Selection()
-    only = plan.select(seeds=selection.seeds, datasets=selection.datasets, rows=selection.rows)
-    if collect and any(selection):
+    only = plan.select(**selection._asdict()) if any(selection) else None  # None: every cell
+    if collect and only is not None:
         raise ConfigError("--collect runs no cell; --seed / --dataset / --row choose cells to run")
     total = len(plan.cells)
     console.print(
         f"experiment [bold]{plan.config.name}[/]: {total} cells "
         f"({len(plan.config.dataset_specs())} datasets × {len(plan.config.rows)} rows × "
         f"{len(plan.config.seeds)} seeds) → {plan.output_dir}"
-        + (f"; running the {len(only)} selected" if any(selection) else ""),
+        + (f"; running the {len(only)} selected" if only is not None else ""),
         highlight=False,
         soft_wrap=True,
     )
     if dry_run:
         for cell in plan.cells:
             line = f"  {cell.name}: {cell.config.mode} · {cell.config.adapter['method']}"
-            mark = "" if not any(selection) or cell.name in only else " (not selected)"
+            mark = "" if only is None or cell.name in only else " (not selected)"
             console.print(line + mark, highlight=False, soft_wrap=True)
         return 0
     quiet_libraries()
@@ -106,7 +106,7 @@ def experiment_command(
         on_record=on_record,
         argv=sys.argv,
         run=not collect,
-        only=only if any(selection) else None,
+        only=only,
     )
     failed = [r for r in records if r["status"] == "failed"]
     console.print(
