@@ -38,6 +38,8 @@ def test_report_holds_the_table_curves_and_provenance(tiny_experiment, tmp_path)
         ).items():
             assert f"{name}" in page and str(version) in page
         assert "Seeds: 0, 1." in page and "name: tiny-kw" in page  # seeds and the config
+        (ref,) = results["references"]  # the majority-class reference beside the table
+        assert "Reference, the majority class" in page and f"{ref['accuracy']:.3f}" in page
         assert "No attack results in this folder" in page  # said plainly, nothing invented
         assert "From benchmarks: none" in page
     assert html.count('src="data:image/png;base64,') == 1  # the curves, embedded

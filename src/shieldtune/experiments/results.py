@@ -30,9 +30,11 @@ from shieldtune.errors import ExitCode, ShieldtuneError, exit_code_for
 from shieldtune.experiments.config import Cell, ExperimentPlan
 from shieldtune.report.tables import (
     METRICS,
+    REFERENCE_NOTE,
     cells_table,
     comparison_table,
     markdown_table,
+    reference_table,
     summary_table,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "pending_record",
     "summarise",
     "compare",
+    "majority_references",
     "write_results",
     "write_atomic",
 ]
@@ -216,6 +219,56 @@ def compare(summary: Sequence[Record], baselines: dict[str, str]) -> list[Record
     return out
 
 
+def majority_references(plan: ExperimentPlan) -> list[Record]:
+    """Per dataset, what predicting the majority class scores on the cells' test split.
+
+    The reference classifier answers every test row with the most frequent label of the training
+    split (the lowest label id on a tie): the accuracy and macro-F1 a model reaches without
+    learning anything from the text. A row at this accuracy and macro-F1 predicts one class.
+    The data is read and split as the recipes read it (the cells' ``data`` settings); nothing is
+    run. A dataset whose data cannot be read here (``--collect`` on a machine without it), or
+    whose rows split it differently, gets an ``error`` instead of figures.
+    """
+    from shieldtune.data.metrics import accuracy, macro_f1
+    from shieldtune.recipes._common import load_splits  # imports torch: only when tabling
+
+    by_dataset: dict[str, list[Cell]] = {}
+    for cell in plan.cells:
+        by_dataset.setdefault(cell.dataset, []).append(cell)
+    out: list[Record] = []
+    for dataset, cells in by_dataset.items():
+        splits = {
+            json.dumps(
+                c.config.data.model_dump(mode="json", exclude={"max_length"}), sort_keys=True
+            )
+            for c in cells
+        }
+        if len(splits) > 1:
+            out.append({"dataset": dataset, "error": "its rows read or split the data differently"})
+            continue
+        try:
+            ds, train, test = load_splits(cells[0].config)
+        except ShieldtuneError as err:
+            out.append({"dataset": dataset, "error": str(err)})
+            continue
+        counts = [0] * ds.num_labels
+        for label in train.labels():
+            counts[label] += 1
+        majority = counts.index(max(counts))
+        truth = test.labels()
+        guess = [majority] * len(truth)
+        out.append(
+            {
+                "dataset": dataset,
+                "test_rows": len(truth),
+                "majority_label": ds.label_names[majority],
+                "accuracy": accuracy(guess, truth),
+                "macro_f1": macro_f1(guess, truth, ds.num_labels),
+            }
+        )
+    return out
+
+
 def _delta(row: Record, base: Record, key: str) -> float | None:
     """(row − baseline) × 100 of two means (percentage points)."""
     a, b = row[key]["mean"], base[key]["mean"]
@@ -260,7 +313,7 @@ def _csv(summary: Sequence[Record], records: Sequence[Record]) -> str:
     return buf.getvalue()
 
 
-def _markdown(name: str, status: Record, summary, comparisons, records) -> str:
+def _markdown(name: str, status: Record, summary, comparisons, references, records) -> str:
     parts = [
         f"# Results: {name}",
         "",
@@ -277,6 +330,15 @@ def _markdown(name: str, status: Record, summary, comparisons, records) -> str:
             "## Against the baseline rows",
             "",
             markdown_table(*comparison_table(comparisons)),
+        ]
+    if references:
+        parts += [
+            "",
+            "## Reference: the majority class",
+            "",
+            REFERENCE_NOTE,
+            "",
+            markdown_table(*reference_table(references)),
         ]
     parts += ["", "## Cells", "", markdown_table(*cells_table(records)), ""]
     return "\n".join(parts)
@@ -295,6 +357,7 @@ def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, 
     summary = summarise(records)
     baselines = {r.name: r.baseline for r in plan.config.rows if r.baseline}
     comparisons = compare(summary, baselines)
+    references = majority_references(plan)
     status = {
         "cells": len(records),
         **{s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "pending")},
@@ -306,6 +369,7 @@ def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, 
         "metrics": dict(METRICS),
         "summary": summary,
         "comparisons": comparisons,
+        "references": references,
         "cells": list(records),
     }
     out = Path(plan.output_dir)
@@ -313,6 +377,7 @@ def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, 
     write_atomic(out / RESULTS_JSON, json.dumps(results, indent=1))
     write_atomic(out / RESULTS_CSV, _csv(summary, records))
     write_atomic(
-        out / RESULTS_MD, _markdown(plan.config.name, status, summary, comparisons, records)
+        out / RESULTS_MD,
+        _markdown(plan.config.name, status, summary, comparisons, references, records),
     )
     return results

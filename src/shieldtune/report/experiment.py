@@ -29,7 +29,13 @@ from shieldtune.report.page import (
     render_html,
     render_markdown,
 )
-from shieldtune.report.tables import cells_table, comparison_table, summary_table
+from shieldtune.report.tables import (
+    REFERENCE_NOTE,
+    cells_table,
+    comparison_table,
+    reference_table,
+    summary_table,
+)
 
 __all__ = ["REPORT_HTML", "REPORT_MD", "write_report", "attack_rows", "benchmark_lines"]
 
@@ -113,6 +119,9 @@ def _results_section(results: dict[str, Any]) -> Section:
         )
     )
     s.blocks.append(Table(*summary_table(results["summary"]), numeric=_cols(5, 5)))
+    if results.get("references"):  # results.json from before the reference existed has none
+        s.blocks.append(Paragraph(f"Reference, the majority class: {REFERENCE_NOTE}"))
+        s.blocks.append(Table(*reference_table(results["references"]), numeric=(1, 3, 4)))
     failed = [c for c in results["cells"] if c["status"] == "failed"]
     if failed:
         s.blocks.append(

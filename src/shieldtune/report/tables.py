@@ -19,6 +19,8 @@ __all__ = [
     "summary_table",
     "cells_table",
     "comparison_table",
+    "reference_table",
+    "REFERENCE_NOTE",
 ]
 
 METRICS: dict[str, str] = {
@@ -176,4 +178,36 @@ def comparison_table(comparisons: Sequence[dict[str, Any]]) -> tuple[list[str], 
         ]
         for c in comparisons
     ]
+    return headers, rows
+
+
+REFERENCE_NOTE = (
+    "Every test row answered with the training split's most frequent label: what a model "
+    "scores without learning anything from the text. A row at this accuracy and macro-F1 "
+    "predicts one class, and its Δ against another such row says nothing about the method."
+)
+
+
+def reference_table(references: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the majority-class reference, one row per dataset.
+
+    Returns:
+        ``(headers, rows)``; the numeric columns are 1, 3 and 4 (a dataset whose data could
+        not be read has its reason in the majority-class column).
+    """
+    headers = ["dataset", "test rows", "majority class", "test accuracy", "test macro-F1"]
+    rows = []
+    for r in references:
+        if r.get("error"):
+            rows.append([str(r["dataset"]), "–", f"not computed: {r['error']}", "–", "–"])
+            continue
+        rows.append(
+            [
+                str(r["dataset"]),
+                str(r["test_rows"]),
+                str(r["majority_label"]),
+                fmt_value("accuracy", r["accuracy"]),
+                fmt_value("macro_f1", r["macro_f1"]),
+            ]
+        )
     return headers, rows
