@@ -237,13 +237,8 @@ def majority_references(plan: ExperimentPlan) -> list[Record]:
         by_dataset.setdefault(cell.dataset, []).append(cell)
     out: list[Record] = []
     for dataset, cells in by_dataset.items():
-        splits = {
-            json.dumps(
-                c.config.data.model_dump(mode="json", exclude={"max_length"}), sort_keys=True
-            )
-            for c in cells
-        }
-        if len(splits) > 1:
+        split = cells[0].config.data.model_dump(exclude={"max_length"})
+        if any(c.config.data.model_dump(exclude={"max_length"}) != split for c in cells[1:]):
             out.append({"dataset": dataset, "error": "its rows read or split the data differently"})
             continue
         try:
@@ -344,12 +339,18 @@ def _markdown(name: str, status: Record, summary, comparisons, references, recor
     return "\n".join(parts)
 
 
-def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, Any]:
+def write_results(
+    plan: ExperimentPlan,
+    records: Sequence[Record],
+    references: Sequence[Record] | None = None,
+) -> dict[str, Any]:
     """Write ``results.json``, ``results.csv`` and ``results.md`` into the experiment folder.
 
     Args:
         plan: The experiment.
         records: One record per cell (ok, failed or pending), in the plan's order.
+        references: :func:`majority_references` of the plan (they depend on the plan only:
+            a caller writing the table after every cell computes them once); None: computed.
 
     Returns:
         What ``results.json`` holds.
@@ -357,7 +358,7 @@ def write_results(plan: ExperimentPlan, records: Sequence[Record]) -> dict[str, 
     summary = summarise(records)
     baselines = {r.name: r.baseline for r in plan.config.rows if r.baseline}
     comparisons = compare(summary, baselines)
-    references = majority_references(plan)
+    references = list(majority_references(plan) if references is None else references)
     status = {
         "cells": len(records),
         **{s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "pending")},

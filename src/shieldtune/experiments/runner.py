@@ -48,6 +48,7 @@ from shieldtune.experiments.provenance import PROVENANCE_JSON, provenance
 from shieldtune.experiments.results import (
     Record,
     failed_record,
+    majority_references,
     ok_record,
     pending_record,
     write_atomic,
@@ -257,7 +258,8 @@ def run_experiment(
     }
     _save_invocation(out, entry)
     records = [pending_record(c) for c in plan.cells]
-    write_results(plan, records)
+    references = majority_references(plan)  # the data read once, not after every cell
+    write_results(plan, records, references)
     for i, cell in enumerate(plan.cells):
         selected = run and (only is None or cell.name in only)
         records[i] = _run_cell(cell, out, progress or _no_progress, selected)
@@ -267,7 +269,7 @@ def run_experiment(
         for j, other in enumerate(plan.cells):  # cells other invocations completed meanwhile
             if j != i and records[j]["status"] == "pending":
                 records[j] = _completed(other, out) or records[j]
-        write_results(plan, records)
+        write_results(plan, records, references)
         if on_record is not None:
             on_record(i, records[i])
     return records
