@@ -188,6 +188,12 @@ class FederatedConfig(_Strict):
     )
     enclave_memory_mb: float = Field(256.0, gt=0, description="server enclave memory budget")
     workers: int = Field(1, ge=1, description="client messages handled at once (simulation)")
+    eval_confusion: bool = Field(
+        True,
+        description="clients send their test share's confusion matrix (per-class counts, in the "
+        "clear, like the other metrics) so that macro-F1 is the whole test split's; false: "
+        "macro-F1 is the sample-weighted mean of the clients' (not the whole split's)",
+    )
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> FederatedConfig:

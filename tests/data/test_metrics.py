@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from shieldtune.data import accuracy, confusion_matrix, macro_f1, perplexity
+from shieldtune.data import (
+    accuracy,
+    confusion_matrix,
+    macro_f1,
+    macro_f1_from_confusion,
+    perplexity,
+)
 
 # 8 items, 4 classes; class 3 occurs nowhere.
 #   class 0: TP 2 (items 0, 1), FN 1 (item 2 -> 1), FP 1 (item 6: 2 -> 0)  F1 = 4/6 = 2/3
@@ -66,3 +72,22 @@ def test_perplexity() -> None:
     assert perplexity(1e6) == math.inf
     with pytest.raises(ValueError, match="non-negative"):
         perplexity(-0.1)
+
+
+def test_confusion_matrices_of_parts_add_up_to_the_whole_macro_f1() -> None:
+    parts = [(PREDS[:3], LABELS[:3]), (PREDS[3:], LABELS[3:])]
+    mats = [confusion_matrix(p, y, 4) for p, y in parts]
+    summed = [[a + b for a, b in zip(r0, r1, strict=True)] for r0, r1 in zip(*mats, strict=True)]
+
+    assert macro_f1_from_confusion(summed) == pytest.approx(11 / 18)
+    mean_of_parts = sum(macro_f1(p, y, 4) * len(p) for p, y in parts) / len(PREDS)
+    assert mean_of_parts != pytest.approx(11 / 18)  # why a federated server sums matrices
+
+
+def test_macro_f1_from_confusion_refuses_bad_matrices() -> None:
+    with pytest.raises(ValueError, match="K x K"):
+        macro_f1_from_confusion([[1, 0], [0]])
+    with pytest.raises(ValueError, match="negative"):
+        macro_f1_from_confusion([[1, -1], [0, 1]])
+    with pytest.raises(ValueError, match="zero predictions"):
+        macro_f1_from_confusion([[0, 0], [0, 0]])

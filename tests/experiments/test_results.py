@@ -11,7 +11,12 @@ from _experiment import experiment_data, write_experiment
 from shieldtune.data.splits import train_test_split
 from shieldtune.data.tables import load_table
 from shieldtune.experiments import load_experiment
-from shieldtune.experiments.results import majority_references, pending_record, write_results
+from shieldtune.experiments.results import (
+    majority_references,
+    ok_record,
+    pending_record,
+    write_results,
+)
 
 
 def _skewed_table(path):
@@ -82,3 +87,23 @@ def test_unreadable_data_leaves_the_reference_out_and_the_table_written(tmp_path
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["status"]["pending"] == 4 and saved["references"] == [ref]
     assert "| kw | – | not computed: " in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_federated_cells_without_the_whole_split_macro_f1_are_named(tmp_path):
+    plan = _plan(tmp_path, _skewed_table(tmp_path / "skewed.csv"))
+    first, second, *rest = plan.cells
+    base = {"accuracy": 0.5, "macro_f1": 0.4, "train_time_s": 1.0, "steps": 1}
+    old_fed = {**base, "mode": "plain-fedavg", "clients": 3}  # macro-F1 = the clients' mean
+    new_fed = {**old_fed, "macro_f1_client_mean": 0.39}  # summed confusion matrices
+    records = [ok_record(first, old_fed, 1.0, False), ok_record(second, new_fed, 1.0, False)]
+    assert [r["macro_f1_scope"] for r in records] == ["clients-mean", "whole"]
+    one_client = ok_record(first, {**old_fed, "clients": 1}, 1.0, False)
+    assert one_client["macro_f1_scope"] == "whole"  # one share is the whole split
+    assert ok_record(first, {**base, "mode": "local"}, 1.0, False)["macro_f1_scope"] == "whole"
+
+    write_results(plan, [*records, *(pending_record(c) for c in rest)])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Macro-F1 of 1 federated cell(s)" in md and first.name in md.split("## ")[0]
+    assert second.name not in md.split("## ")[0]  # named only in the cell table below
+    write_results(plan, [records[1], *(pending_record(c) for c in [first, *rest])])
+    assert "federated cell(s)" not in (tmp_path / "out" / "results.md").read_text()

@@ -71,6 +71,8 @@ def test_three_clients_learn_over_rounds(runs):
     assert history[-1]["accuracy"] >= 0.9
     assert all(b["loss"] < a["loss"] for a, b in zip(history, history[1:], strict=False))
     assert summary["examples"] == summary["test_rows"]  # evaluated on the whole test split
+    # the clients sent their shares' confusion matrices: macro-F1 is the whole split's
+    assert all("macro_f1_client_mean" in h and 0 <= h["macro_f1"] <= 1 for h in history)
     assert sum(summary["client_train_rows"]) == summary["train_rows"]
     for name in ("config.yaml", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file()
@@ -132,6 +134,13 @@ def test_federated_spf_refuses_gradient_saliency(tmp_path, keyword_table):
     cfg = _cfg(tmp_path, keyword_table, "mode=plain-fedavg", "adapter.method=spf")
     with pytest.raises(ConfigError, match="same mask"):
         RECIPES["plain-fedavg"](cfg)
+
+
+def test_without_eval_confusion_macro_f1_is_the_clients_mean(tmp_path, keyword_table):
+    # federated.eval_confusion=false: no per-class counts leave the clients
+    extra = ("mode=plain-fedavg", "federated.rounds=1", "federated.eval_confusion=false")
+    (last,) = _summary(RECIPES["plain-fedavg"](_cfg(tmp_path, keyword_table, *extra)))["history"]
+    assert 0 <= last["macro_f1"] <= 1 and "macro_f1_client_mean" not in last
 
 
 def test_config_validation():

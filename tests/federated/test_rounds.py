@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedkit import client_policy, fake_trainers, run_rounds
+from fedkit import FakeTrainer, client_policy, fake_trainers, run_rounds
 
+from shieldtune.data import accuracy, confusion_matrix, macro_f1
 from shieldtune.federated.codec import from_array_record
 
 
@@ -203,3 +204,63 @@ def test_mixed_plain_and_secure_parties_refuse_each_other(enclave_factory):
     refused = [e for e in events if e["kind"] == "refused_client"]
     assert {e["node"] for e in refused} == {1000, 1001}
     assert all("plain-fedavg" in e["reason"] for e in refused)
+
+
+# Each client's test share: (labels, predictions). Class 2 is absent from client 0's share and
+# client 2 predicts only class 0, so the mean of the shares' macro-F1 differs from the whole's.
+SHARES = {
+    0: ([0, 0, 1, 1], [0, 1, 1, 1]),
+    1: ([2, 2, 0, 1, 2, 0], [2, 0, 0, 1, 2, 2]),
+    2: ([0, 1, 2], [0, 0, 0]),
+}
+
+
+class ScoringTrainer(FakeTrainer):
+    """Evaluates to fixed predictions on its share: the metrics a real client sends."""
+
+    def __init__(self, partition: int, malformed: bool = False) -> None:
+        super().__init__(partition)
+        self.malformed = malformed
+
+    def evaluate(self, state, config):
+        labels, preds = SHARES[self.partition]
+        flat = [n for row in confusion_matrix(preds, labels, 3) for n in row]
+        if self.malformed:
+            flat[0] += 1  # counts no longer sum to the share's rows
+        metrics = {
+            "accuracy": accuracy(preds, labels),
+            "macro_f1": macro_f1(preds, labels, 3),
+            "confusion": flat,
+        }
+        return len(labels), metrics
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_macro_f1_is_scored_on_the_whole_test_split(enclave_factory, secure):
+    enclave = enclave_factory()[0] if secure else None
+    events, _, _ = run_rounds(
+        lambda ctx: ScoringTrainer(int(ctx.node_config["partition-id"])), rounds=1, enclave=enclave
+    )
+    (ev,) = [e for e in events if e["kind"] == "eval"]
+    labels = [y for ys, _ in SHARES.values() for y in ys]
+    preds = [p for _, ps in SHARES.values() for p in ps]
+    n = len(labels)
+    client_mean = sum(macro_f1(ps, ys, 3) * len(ys) for ys, ps in SHARES.values()) / n
+    assert ev["macro_f1"] == pytest.approx(macro_f1(preds, labels, 3))
+    assert ev["macro_f1_client_mean"] == pytest.approx(client_mean)
+    assert abs(ev["macro_f1"] - client_mean) > 0.02  # the two really differ here (0.025)
+    assert ev["accuracy"] == pytest.approx(accuracy(preds, labels))  # a mean over rows: exact
+    assert "confusion" not in ev
+
+
+def test_a_malformed_confusion_matrix_falls_back_to_the_client_mean():
+    def trainer_for(ctx):
+        p = int(ctx.node_config["partition-id"])
+        return ScoringTrainer(p, malformed=p == 1)
+
+    events, _, _ = run_rounds(trainer_for, rounds=1)
+    (ev,) = [e for e in events if e["kind"] == "eval"]
+    n = sum(len(ys) for ys, _ in SHARES.values())
+    client_mean = sum(macro_f1(ps, ys, 3) * len(ys) for ys, ps in SHARES.values()) / n
+    assert ev["macro_f1"] == pytest.approx(client_mean)
+    assert "macro_f1_client_mean" not in ev and "confusion" not in ev

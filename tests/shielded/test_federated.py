@@ -73,6 +73,7 @@ def test_shielded_fedavg_tracks_plain_fedavg(runs):
         # fixed-point offload: the same rounds up to the encoding error, not bit for bit
         assert s["loss"] == pytest.approx(p["loss"], rel=1e-3)
         assert abs(s["accuracy"] - p["accuracy"]) <= 1 / 16  # at most one of 16 test rows
+        assert "macro_f1_client_mean" in s  # macro-F1 from the parties' summed matrices
     assert shielded["history"][-1]["loss"] < shielded["history"][0]["loss"] * 1.05
 
 

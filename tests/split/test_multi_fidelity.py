@@ -86,6 +86,7 @@ def test_learning_happens_and_the_run_folders_have_their_layout(runs: Any) -> No
     plain, split = done["plain-split"], done["split"]
     history = _summary(split)["history"]
     assert history[-1]["loss"] < history[0]["loss"]
+    assert all("macro_f1_client_mean" in h for h in history)  # the whole split's macro-F1
     train = [r for r in read_metrics(split) if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
     for run in (plain, split):

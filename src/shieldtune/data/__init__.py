@@ -20,7 +20,13 @@ from shieldtune.data.builtin import (
     load_builtin,
     resolve_data_dir,
 )
-from shieldtune.data.metrics import accuracy, confusion_matrix, macro_f1, perplexity
+from shieldtune.data.metrics import (
+    accuracy,
+    confusion_matrix,
+    macro_f1,
+    macro_f1_from_confusion,
+    perplexity,
+)
 from shieldtune.data.splits import (
     partition_dirichlet,
     partition_iid,
@@ -74,6 +80,7 @@ __all__ = [
     "load_builtin",
     "load_table",
     "macro_f1",
+    "macro_f1_from_confusion",
     "partition_dirichlet",
     "partition_iid",
     "perplexity",

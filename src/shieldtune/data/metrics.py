@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["accuracy", "confusion_matrix", "macro_f1", "perplexity"]
+__all__ = ["accuracy", "confusion_matrix", "macro_f1", "macro_f1_from_confusion", "perplexity"]
 
 
 def _as_list(values: Iterable[Any] | Any, what: str) -> list[int]:
@@ -94,12 +94,30 @@ def macro_f1(preds: Sequence[int] | Any, labels: Sequence[int] | Any, num_labels
     Raises:
         ValueError: Different lengths, no items, or an index outside ``0..K-1``.
     """
-    m = confusion_matrix(preds, labels, num_labels)
+    return macro_f1_from_confusion(confusion_matrix(preds, labels, num_labels))
+
+
+def macro_f1_from_confusion(m: Sequence[Sequence[int]]) -> float:
+    """Macro-F1 of a K x K confusion matrix ``m[true][pred]`` (as :func:`macro_f1`).
+
+    Confusion matrices add up over disjoint parts of a split, so the sum of the parts' matrices
+    gives the macro-F1 of the whole split (a mean of the parts' macro-F1 does not).
+
+    Raises:
+        ValueError: Not square, a negative count, or no items.
+    """
+    k = len(m)
+    if k == 0 or any(len(row) != k for row in m):
+        raise ValueError(f"a confusion matrix must be K x K, got rows of {[len(r) for r in m]}")
+    if any(v < 0 for row in m for v in row):
+        raise ValueError("a confusion matrix cannot hold a negative count")
+    if sum(map(sum, m)) == 0:
+        raise ValueError("cannot score zero predictions")
     scores = []
-    for c in range(num_labels):
+    for c in range(k):
         tp = m[c][c]
         fn = sum(m[c]) - tp
-        fp = sum(m[r][c] for r in range(num_labels)) - tp
+        fp = sum(m[r][c] for r in range(k)) - tp
         if tp + fn + fp == 0:
             continue  # absent from both
         scores.append(2 * tp / (2 * tp + fp + fn))

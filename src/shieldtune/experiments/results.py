@@ -5,7 +5,10 @@ The table is written three ways into the experiment folder: ``results.json`` (ev
 
 Metrics of a cell, from its run folder's ``summary.json``:
 
-- ``accuracy``, ``macro_f1``: the final test metrics;
+- ``accuracy``, ``macro_f1``: the final test metrics (``macro_f1_scope``: ``whole`` when
+  macro-F1 was scored on the whole test split, ``clients-mean`` for a federated run that scored
+  it as the sample-weighted mean of its clients' on their test shares: runs from before the
+  server summed the shares' confusion matrices, or with ``federated.eval_confusion: false``);
 - ``train_time_s``: the run's own training time (the optimisation steps for local and split
   modes, the whole federation for the FedAvg modes);
 - ``wall_s``: the whole cell as the runner timed it (loading, training, evaluation, saving);
@@ -35,6 +38,7 @@ from shieldtune.report.tables import (
     comparison_table,
     markdown_table,
     reference_table,
+    scope_note,
     summary_table,
 )
 
@@ -125,12 +129,22 @@ def ok_record(cell: Cell, summary: dict[str, Any], wall_s: float | None, reused:
         "run_dir": f"runs/{cell.name}",
         "accuracy": summary.get("accuracy"),
         "macro_f1": summary.get("macro_f1"),
+        "macro_f1_scope": macro_f1_scope(summary),
         "train_time_s": summary.get("train_time_s"),
         "wall_s": None if wall_s is None else round(wall_s, 3),
         "bytes_sent": sent,
         "bytes_source": source,
         "steps": summary.get("steps"),
     }
+
+
+def macro_f1_scope(summary: dict[str, Any]) -> str:
+    """``clients-mean`` for a run of several federated clients without ``macro_f1_client_mean``
+    (its macro-F1 is that mean), else ``whole`` (the whole test split's; one client's share is
+    the whole split)."""
+    clients = summary.get("clients")
+    federated = isinstance(clients, int) and clients > 1
+    return "clients-mean" if federated and "macro_f1_client_mean" not in summary else "whole"
 
 
 def failed_record(cell: Cell, error: BaseException, wall_s: float) -> Record:
@@ -319,6 +333,9 @@ def _markdown(name: str, status: Record, summary, comparisons, references, recor
         "",
         markdown_table(*summary_table(summary)),
     ]
+    note = scope_note(records)
+    if note:
+        parts += ["", note]
     if comparisons:
         parts += [
             "",

@@ -59,8 +59,12 @@ class Trainer(Protocol):
 
     def evaluate(
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> tuple[int, dict[str, float]]:
-        """Load ``state`` (if not empty) and evaluate; return (examples, metrics)."""
+    ) -> tuple[int, dict[str, Any]]:
+        """Load ``state`` (if not empty) and evaluate; return (examples, metrics).
+
+        Seq-cls metrics carry ``"confusion"`` (the flattened K x K counts) so that the server
+        scores macro-F1 on the whole test split.
+        """
         ...
 
 
@@ -80,6 +84,7 @@ class LocalTraining:
     train_cfg: Any
     seed: int
     precision: str = "float32"
+    eval_confusion: bool = True  # evaluate() also returns the test share's confusion matrix
 
 
 class AdapterTrainer:
@@ -172,7 +177,7 @@ class AdapterTrainer:
 
     def evaluate(
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> tuple[int, dict[str, float]]:
+    ) -> tuple[int, dict[str, Any]]:
         """Metrics of the global adapter on this client's test share."""
         from shieldtune.training import autocast, evaluate
 
@@ -180,7 +185,12 @@ class AdapterTrainer:
         self.whole.eval()
         with autocast(self.s.precision):
             metrics = evaluate(
-                self._forward, self.test, self.s.task, self.s.eval_batch_size, self.s.num_labels
+                self._forward,
+                self.test,
+                self.s.task,
+                self.s.eval_batch_size,
+                self.s.num_labels,
+                confusion=self.s.eval_confusion,
             )
         return int(self.test["labels"].shape[0]), metrics
 

@@ -1,8 +1,10 @@
 """Client shares: which training rows and which held-out test rows each client holds.
 
 Training rows are split IID or by per-class Dirichlet(α) proportions (label skew) with
-:mod:`shieldtune.data.splits`; the held-out test split is split IID, so that the sample-weighted
-mean of the clients' test metrics is the metric of the global adapter on the whole test split.
+:mod:`shieldtune.data.splits`; the held-out test split is split IID and the shares cover it, so
+the sample-weighted means of the clients' test loss and accuracy are the global adapter's on the
+whole test split, and the sum of their confusion matrices is its confusion matrix (macro-F1 is
+scored from that sum: a mean of the shares' macro-F1 is not the whole split's).
 """
 
 from __future__ import annotations

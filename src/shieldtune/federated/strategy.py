@@ -23,6 +23,7 @@ server adapters are averaged there).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from shieldtune.data.metrics import macro_f1_from_confusion
 from shieldtune.federated.aggregate import Spec, fedavg, screen_updates, sparse_fedavg, spec_of
 from shieldtune.federated.codec import from_array_record, to_array_record
 
@@ -189,13 +191,27 @@ class ValidatedFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Sample-weighted mean of the clients' metrics of the global adapter."""
+        """The global adapter's test metrics from the clients' disjoint test shares.
+
+        Loss and accuracy are the sample-weighted means of the clients' (exact: both are means
+        over rows). Macro-F1 is not a mean over rows: when every reply carries its share's
+        confusion matrix (``"confusion"``, K² counts summing to its ``num-examples``), the
+        matrices are summed and macro-F1 is scored on the whole test split; the weighted mean of
+        the clients' macro-F1 is kept as ``macro_f1_client_mean``. Otherwise ``macro_f1`` is
+        that weighted mean.
+        """
         valid = self.dropped(server_round, replies)
         good = [m for m in valid if "metrics" in m.content and WEIGHT_KEY in m.content["metrics"]]
         if not good:
             return None
         metrics = aggregate_metricrecords([m.content for m in good], WEIGHT_KEY)
         total = sum(float(m.content["metrics"][WEIGHT_KEY]) for m in good)  # type: ignore[arg-type]
+        if "confusion" in metrics:
+            del metrics["confusion"]  # Flower averaged the counts; they are summed below
+            summed = summed_confusion([m.content["metrics"] for m in good])
+            if summed is not None and "macro_f1" in metrics:
+                metrics["macro_f1_client_mean"] = metrics["macro_f1"]
+                metrics["macro_f1"] = macro_f1_from_confusion(summed)
         self.emit(
             kind="eval",
             round=server_round,
@@ -204,6 +220,28 @@ class ValidatedFedAvg(FedAvg):
             **{k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
         )
         return metrics
+
+
+def summed_confusion(records: list[MetricRecord]) -> list[list[int]] | None:
+    """The K x K sum of the replies' flattened confusion matrices; None (and a warning) when a
+    reply lacks one or it is malformed: not K² non-negative integers summing to the reply's
+    ``num-examples``, or of another K than the first reply's."""
+    flats = [record.get("confusion") for record in records]
+    size = len(flats[0]) if flats and isinstance(flats[0], list) else 0
+    k = math.isqrt(size)
+    for flat, record in zip(flats, records, strict=True):
+        if not (
+            k > 0
+            and k * k == size
+            and isinstance(flat, list)
+            and len(flat) == size
+            and all(isinstance(v, int) and v >= 0 for v in flat)
+            and sum(flat) == record.get(WEIGHT_KEY)
+        ):
+            log.warning("a reply's confusion matrix is missing or malformed; macro-F1 is the mean")
+            return None
+    total = [sum(column) for column in zip(*flats, strict=True)]  # (K·K,)
+    return [total[i * k : (i + 1) * k] for i in range(k)]
 
 
 class SparseFedAvg(ValidatedFedAvg):

@@ -3,8 +3,9 @@
 setup -> train -> save -> cleanup. N clients (Flower ClientApp nodes) each fine-tune the adapter
 on their share of the training split for ``federated.local_epochs`` per round; the server
 averages the updates weighted by sample counts; every round the clients evaluate the new global
-adapter on their share of the held-out test split, and the sample-weighted mean is the global
-test metric (one ``eval`` line per round in ``metrics.jsonl``).
+adapter on their share of the held-out test split: loss and accuracy are the sample-weighted means,
+macro-F1 is scored on the sum of the shares' confusion matrices (one ``eval`` line per round in
+``metrics.jsonl``; ``macro_f1_client_mean`` keeps the weighted mean of the clients' macro-F1).
 
 secure-fedavg is the same code with two wrappers added: the clients' ``SealedUpdateMod`` and the
 server's ``EnclaveAggregation`` around the same strategy. The global adapter then exists only
@@ -116,6 +117,7 @@ def _settings(cfg: RunConfig, num_labels: int) -> LocalTraining:
         train_cfg=t,
         seed=t.seed,
         precision=t.precision,
+        eval_confusion=cfg.federated.eval_confusion,
     )
 
 

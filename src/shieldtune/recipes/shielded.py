@@ -357,7 +357,7 @@ class ShieldedTrainer:
 
     def evaluate(
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> tuple[int, dict[str, float]]:
+    ) -> tuple[int, dict[str, Any]]:
         """Metrics of the global adapter (loaded in the enclave) on this client's test share."""
         self._no_clear_adapter(state)
 
@@ -365,7 +365,12 @@ class ShieldedTrainer:
             return self.party.call("logits", tensors=_forward_tensors(batch)).tensors["logits"]
 
         metrics = evaluate(
-            logits, self.test, self.s.task, self.s.eval_batch_size, self.s.num_labels
+            logits,
+            self.test,
+            self.s.task,
+            self.s.eval_batch_size,
+            self.s.num_labels,
+            confusion=self.s.eval_confusion,
         )
         if self.refill == "idle" and self.party.accelerator is not None:
             self.party.call("refill")

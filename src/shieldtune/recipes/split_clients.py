@@ -168,11 +168,18 @@ class SplitTrainer:
 
     def evaluate(
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> tuple[int, dict[str, float]]:
+    ) -> tuple[int, dict[str, Any]]:
         """Metrics of the global model (front: base + Δ; back: the server's) on the test share."""
         self._load(state)
         s = self.s
-        metrics = evaluate(self.client.logits, self.test, s.task, s.eval_batch_size, s.num_labels)
+        metrics = evaluate(
+            self.client.logits,
+            self.test,
+            s.task,
+            s.eval_batch_size,
+            s.num_labels,
+            confusion=s.eval_confusion,
+        )
         return int(self.test["labels"].shape[0]), metrics
 
     def close(self) -> None:

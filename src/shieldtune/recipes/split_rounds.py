@@ -219,11 +219,12 @@ class SplitNode:
 
     def evaluate(
         self, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> tuple[int, dict[str, float]]:
+    ) -> tuple[int, dict[str, Any]]:
         """The split trainer's evaluation of the global model on this client's test share."""
         n, metrics = self.trainer.evaluate(state, config)
         rnd = int(config.get("server-round", 1))
-        record = {"epoch": rnd, "step": rnd, **metrics, "examples": n}
+        scores = {k: v for k, v in metrics.items() if k != "confusion"}  # the server sums those
+        record = {"epoch": rnd, "step": rnd, **scores, "examples": n}
         self.history.append(record)
         self.run.log(kind="eval", **record)
         return n, metrics

@@ -34,6 +34,7 @@ from shieldtune.report.tables import (
     cells_table,
     comparison_table,
     reference_table,
+    scope_note,
     summary_table,
 )
 
@@ -119,6 +120,9 @@ def _results_section(results: dict[str, Any]) -> Section:
         )
     )
     s.blocks.append(Table(*summary_table(results["summary"]), numeric=_cols(5, 5)))
+    note = scope_note(results["cells"])
+    if note:
+        s.blocks.append(Paragraph(note))
     if results.get("references"):  # results.json from before the reference existed has none
         s.blocks.append(Paragraph(f"Reference, the majority class: {REFERENCE_NOTE}"))
         s.blocks.append(Table(*reference_table(results["references"]), numeric=(1, 3, 4)))

@@ -21,6 +21,7 @@ __all__ = [
     "comparison_table",
     "reference_table",
     "REFERENCE_NOTE",
+    "scope_note",
 ]
 
 METRICS: dict[str, str] = {
@@ -186,6 +187,24 @@ REFERENCE_NOTE = (
     "scores without learning anything from the text. A row at this accuracy and macro-F1 "
     "predicts one class, and its Δ against another such row says nothing about the method."
 )
+
+
+def scope_note(cells: Sequence[dict[str, Any]]) -> str | None:
+    """A sentence naming the completed cells whose macro-F1 is their clients' mean (None if
+    every completed cell's is the whole test split's)."""
+    names = [
+        c["name"]
+        for c in cells
+        if c["status"] == "ok" and c.get("macro_f1_scope", "whole") == "clients-mean"
+    ]
+    if not names:
+        return None
+    return (
+        f"Macro-F1 of {len(names)} federated cell(s) is the sample-weighted mean of their "
+        "clients' macro-F1 on their test shares, not the whole test split's (they ran before "
+        "the server summed the shares' confusion matrices, or with federated.eval_confusion "
+        f"off); their accuracy is the whole split's: {', '.join(names)}."
+    )
 
 
 def reference_table(references: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from shieldtune.data.metrics import accuracy, macro_f1
+from shieldtune.data.metrics import accuracy, confusion_matrix, macro_f1
 from shieldtune.data.tasks import batches
 from shieldtune.training.losses import task_loss
 
@@ -23,7 +24,9 @@ def evaluate(
     task: str,
     batch_size: int,
     num_labels: int | None = None,
-) -> dict[str, float]:
+    *,
+    confusion: bool = False,
+) -> dict[str, Any]:
     """Evaluate a model given as ``forward(batch) -> logits`` on an encoded split.
 
     Args:
@@ -32,6 +35,9 @@ def evaluate(
         task: ``"seq-cls"`` or ``"causal-lm"``.
         batch_size: Rows per forward.
         num_labels: Number of classes (seq-cls).
+        confusion: Also return ``"confusion"`` (seq-cls): the K x K matrix ``m[true][pred]``
+            flattened row by row, K² counts; matrices of disjoint parts add up (a federated
+            server sums its clients' to score the whole test split).
 
     Returns:
         ``{"loss", "accuracy", "macro_f1"}`` for seq-cls; ``{"loss", "perplexity"}`` for LMs.
@@ -50,9 +56,13 @@ def evaluate(
     loss = total / max(weight, 1)
     if task == "seq-cls":
         labels = encoded["labels"].tolist()
-        return {
+        metrics: dict[str, Any] = {
             "loss": loss,
             "accuracy": accuracy(preds, labels),
             "macro_f1": macro_f1(preds, labels, num_labels),
         }
+        if confusion:
+            m = confusion_matrix(preds, labels, num_labels)
+            metrics["confusion"] = [n for row in m for n in row]  # (K·K,) row = true class
+        return metrics
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
