@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from shieldtune.data.metrics import accuracy, confusion_matrix, macro_f1
+from shieldtune.data.metrics import accuracy, confusion_matrix, macro_f1_from_confusion
 from shieldtune.data.tasks import batches
 from shieldtune.training.losses import task_loss
 
@@ -56,13 +56,13 @@ def evaluate(
     loss = total / max(weight, 1)
     if task == "seq-cls":
         labels = encoded["labels"].tolist()
+        m = confusion_matrix(preds, labels, num_labels)  # (K, K) row = true class
         metrics: dict[str, Any] = {
             "loss": loss,
             "accuracy": accuracy(preds, labels),
-            "macro_f1": macro_f1(preds, labels, num_labels),
+            "macro_f1": macro_f1_from_confusion(m),
         }
         if confusion:
-            m = confusion_matrix(preds, labels, num_labels)
-            metrics["confusion"] = [n for row in m for n in row]  # (K·K,) row = true class
+            metrics["confusion"] = [n for row in m for n in row]  # (K·K,)
         return metrics
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
