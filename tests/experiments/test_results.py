@@ -107,3 +107,36 @@ def test_federated_cells_without_the_whole_split_macro_f1_are_named(tmp_path):
     assert second.name not in md.split("## ")[0]  # named only in the cell table below
     write_results(plan, [records[1], *(pending_record(c) for c in [first, *rest])])
     assert "federated cell(s)" not in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_macro_f1_delta_only_between_rows_of_one_scope(tmp_path):
+    plan = _plan(tmp_path, _skewed_table(tmp_path / "skewed.csv"))
+    cells = {(c.row, c.seed): c for c in plan.cells}
+    old = {"accuracy": 0.5, "macro_f1": 0.40, "train_time_s": 1.0, "clients": 3}  # clients' mean
+    new = {**old, "macro_f1": 0.45, "macro_f1_client_mean": 0.40}  # whole split
+
+    def comparison(baseline: list[dict], row: list[dict]) -> dict:
+        records = [
+            ok_record(cells[(name, seed)], summary, 1.0, False)
+            for name, summaries in (("local LoRA", baseline), ("plain-split LoRA", row))
+            for seed, summary in enumerate(summaries)
+        ]
+        (cmp,) = write_results(plan, records)["comparisons"]
+        return cmp
+
+    same = comparison([old, old], [{**old, "macro_f1": 0.42}] * 2)  # both the clients' mean
+    assert same["macro_f1_delta_points"] == pytest.approx(2.0)
+    whole = comparison([new, new], [{**new, "macro_f1": 0.42}] * 2)  # both the whole split's
+    assert whole["macro_f1_delta_points"] == pytest.approx(-3.0)
+    # a whole split's macro-F1 against the clients' mean, or a row mixing both: no Δ
+    assert comparison([old, old], [new, new])["macro_f1_delta_points"] is None
+    mixed = comparison([new, new], [old, new])
+    assert mixed["macro_f1_delta_points"] is None
+    assert mixed["accuracy_delta_points"] == pytest.approx(0.0)  # accuracy is always the whole's
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert [s["macro_f1_scope"] for s in summary] == ["whole", "mixed"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| kw | plain-split LoRA | local LoRA | +0.00 | – |" in md
+    assert "Δ macro-F1 is – where the two rows' macro-F1 is not scored alike" in md
+    comparison([new, new], [new, new])
+    assert "not scored alike" not in (tmp_path / "out" / "results.md").read_text()

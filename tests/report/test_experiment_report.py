@@ -45,6 +45,15 @@ def test_report_holds_the_table_curves_and_provenance(tiny_experiment, tmp_path)
     assert html.count('src="data:image/png;base64,') == 1  # the curves, embedded
     assert "![training curves, kw](report_files/curves_0.png)" in md
     assert (folder / "report_files" / "curves_0.png").stat().st_size > 1000
+    assert "not scored alike" not in md
+
+    # a comparison whose rows' macro-F1 is scored differently: no Δ, and the page says why
+    (cmp,) = results["comparisons"]
+    results["comparisons"] = [{**cmp, "macro_f1_delta_points": None}]
+    (folder / "results.json").write_text(json.dumps(results))
+    assert run_cli("report", str(folder)).exit_code == 0
+    for page in ((folder / "report.html").read_text(), (folder / "report.md").read_text()):
+        assert "macro-F1 is not scored alike" in page  # (HTML escapes the apostrophe)
 
 
 def test_report_reads_attack_rows_and_benchmark_lines(tiny_experiment, tmp_path):

@@ -35,6 +35,7 @@ from shieldtune.report.tables import (
     METRICS,
     REFERENCE_NOTE,
     cells_table,
+    comparison_note,
     comparison_table,
     markdown_table,
     reference_table,
@@ -175,6 +176,8 @@ def summarise(records: Sequence[Record]) -> list[Record]:
     """Mean ± std over seeds per (dataset, row), in the records' order.
 
     Only completed cells count; a metric a cell lacks is left out of that metric's mean.
+    ``macro_f1_scope`` is the completed cells' common scope (``whole`` / ``clients-mean``),
+    ``mixed`` when they differ, None without any.
     """
     groups: dict[tuple[str, str], list[Record]] = {}
     for r in records:
@@ -195,6 +198,8 @@ def summarise(records: Sequence[Record]) -> list[Record]:
         }
         for key in METRICS:
             entry[key] = _stat([float(c[key]) for c in ok if c.get(key) is not None])
+        scopes = {c.get("macro_f1_scope", "whole") for c in ok if c.get("macro_f1") is not None}
+        entry["macro_f1_scope"] = scopes.pop() if len(scopes) == 1 else "mixed" if scopes else None
         out.append(entry)
     return out
 
@@ -209,7 +214,9 @@ def compare(summary: Sequence[Record], baselines: dict[str, str]) -> list[Record
     Returns:
         ``accuracy_delta_points`` / ``macro_f1_delta_points`` (row − baseline, × 100) and
         ``train_time_ratio`` / ``wall_ratio`` / ``bytes_ratio`` (row ÷ baseline); None where a
-        side has no value.
+        side has no value. The macro-F1 Δ is None too unless both rows' macro-F1 has one and
+        the same scope (both the whole test split's, or both the clients' mean): a whole
+        split's macro-F1 against a mean of per-share ones measures the scoring, not the method.
     """
     means = {(s["dataset"], s["row"]): s for s in summary}
     out = []
@@ -224,7 +231,9 @@ def compare(summary: Sequence[Record], baselines: dict[str, str]) -> list[Record
                 "row": s["row"],
                 "baseline": base_row,
                 "accuracy_delta_points": _delta(s, base, "accuracy"),
-                "macro_f1_delta_points": _delta(s, base, "macro_f1"),
+                "macro_f1_delta_points": (
+                    _delta(s, base, "macro_f1") if _same_scope(s, base) else None
+                ),
                 "train_time_ratio": _ratio(s, base, "train_time_s"),
                 "wall_ratio": _ratio(s, base, "wall_s"),
                 "bytes_ratio": _ratio(s, base, "bytes_sent"),
@@ -282,6 +291,11 @@ def _delta(row: Record, base: Record, key: str) -> float | None:
     """(row − baseline) × 100 of two means (percentage points)."""
     a, b = row[key]["mean"], base[key]["mean"]
     return None if a is None or b is None else 100.0 * (a - b)
+
+
+def _same_scope(row: Record, base: Record) -> bool:
+    """Both rows' macro-F1 has one and the same scope."""
+    return row["macro_f1_scope"] == base["macro_f1_scope"] != "mixed"
 
 
 def _ratio(row: Record, base: Record, key: str) -> float | None:
@@ -343,6 +357,9 @@ def _markdown(name: str, status: Record, summary, comparisons, references, recor
             "",
             markdown_table(*comparison_table(comparisons)),
         ]
+        why = comparison_note(comparisons)
+        if why:
+            parts += ["", why]
     if references:
         parts += [
             "",

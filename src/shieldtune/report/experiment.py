@@ -32,6 +32,7 @@ from shieldtune.report.page import (
 from shieldtune.report.tables import (
     REFERENCE_NOTE,
     cells_table,
+    comparison_note,
     comparison_table,
     reference_table,
     scope_note,
@@ -144,6 +145,9 @@ def _overhead_section(results: dict[str, Any], folder: Path) -> Section:
             )
         )
         s.blocks.append(Table(*comparison_table(results["comparisons"]), numeric=_cols(3, 5)))
+        why = comparison_note(results["comparisons"])
+        if why:
+            s.blocks.append(Paragraph(why))
     else:
         s.blocks.append(
             Paragraph("From this grid: none (no row of the experiment names a baseline).")

@@ -22,6 +22,7 @@ __all__ = [
     "reference_table",
     "REFERENCE_NOTE",
     "scope_note",
+    "comparison_note",
 ]
 
 METRICS: dict[str, str] = {
@@ -204,6 +205,19 @@ def scope_note(cells: Sequence[dict[str, Any]]) -> str | None:
         "clients' macro-F1 on their test shares, not the whole test split's (they ran before "
         "the server summed the shares' confusion matrices, or with federated.eval_confusion "
         f"off); their accuracy is the whole split's: {', '.join(names)}."
+    )
+
+
+def comparison_note(comparisons: Sequence[dict[str, Any]]) -> str | None:
+    """Why a comparison has an accuracy Δ but no macro-F1 Δ (None if none is such)."""
+    if not any(
+        c.get("accuracy_delta_points") is not None and c.get("macro_f1_delta_points") is None
+        for c in comparisons
+    ):
+        return None
+    return (
+        "Δ macro-F1 is – where the two rows' macro-F1 is not scored alike: the whole test "
+        "split's against the federated clients' mean, or a row mixing both."
     )
 
 
