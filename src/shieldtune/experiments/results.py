@@ -198,7 +198,7 @@ def summarise(records: Sequence[Record]) -> list[Record]:
         }
         for key in METRICS:
             entry[key] = _stat([float(c[key]) for c in ok if c.get(key) is not None])
-        scopes = {c.get("macro_f1_scope", "whole") for c in ok if c.get("macro_f1") is not None}
+        scopes = {c["macro_f1_scope"] for c in ok if c.get("macro_f1") is not None}
         entry["macro_f1_scope"] = scopes.pop() if len(scopes) == 1 else "mixed" if scopes else None
         out.append(entry)
     return out
