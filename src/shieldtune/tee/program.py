@@ -55,6 +55,7 @@ RUNTIME_MODULES: tuple[str, ...] = (
     "shieldtune.crypto.channel",
     "shieldtune.tee.sealing",
     "shieldtune.tee.program",
+    "shieldtune.tee.heap",
     "shieldtune.tee.pipe",
     "shieldtune.tee.runtime",
 )

@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import resource
+import select
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from shieldtune.crypto.framing import (
     tensor_to_bytes,
 )
 from shieldtune.errors import ChannelError, EnclaveError, SealingError, ShieldtuneError
+from shieldtune.tee.heap import HeapTrimmer
 from shieldtune.tee.pipe import PipeClosed, read_message, write_message
 from shieldtune.tee.program import ENCLAVE_PROGRAMS, EnclaveContext, EnclaveProgram, TrackedState
 from shieldtune.tee.sealing import seal_blob, unseal_blob
@@ -301,7 +303,10 @@ def main() -> int:
             runtime.ctx.measurement,
         )
     write_message(proto_out, encode_frame({"op": "ok", "pid": os.getpid()}))
+    heap = HeapTrimmer()
     while True:
+        if heap.pending and not select.select([proto_in], [], [], heap.idle_s)[0]:
+            heap.trim()  # idle: hand the freed heap back before waiting for the host
         try:
             raw = read_message(proto_in, runtime.limits.max_bytes + 16)
         except PipeClosed:
@@ -323,6 +328,7 @@ def main() -> int:
         except ChannelError as err:  # e.g. an ECALL returned an unsupported dtype
             data = encode_frame(error_reply(err).meta)
         write_message(proto_out, data)
+        heap.served()
 
 
 if __name__ == "__main__":
