@@ -2,11 +2,11 @@
 
 Tensors of changing shapes (dynamic padding) fragment glibc's heap: freed blocks stay mapped, so
 an enclave's resident memory climbs over an epoch and every idle client of a federated round
-keeps its peak (measured on MiniLM, batch 16, sequence lengths 20..128: 2.9 -> 3.8 GiB in 40
-shielded steps; 4.9 GiB per MQP client). ``malloc_trim(0)`` releases the free pages. After every
-message it costs ~13 % of a shielded step (the pages are faulted back in), so the runtime trims
-when it idles (no message for ``idle_s``) and, while busy, at most every ``interval_s``.
-Where ``malloc_trim`` does not exist (not glibc) nothing is done.
+keeps its peak (measured on MiniLM, batch 16, sequence lengths 20..128: 2.9 -> 3.7 GiB in 40
+shielded steps; 4.7 GiB per MQP client enclave, 2.0 GiB once trimmed). ``malloc_trim(0)``
+releases the free pages. After every message it costs ~13 % of a shielded step (the pages are
+faulted back in), so the runtime trims when it idles (no message for ``idle_s``) and, while busy,
+at most every ``interval_s``. Where ``malloc_trim`` does not exist (not glibc) nothing is done.
 """
 
 from __future__ import annotations
