@@ -1,12 +1,13 @@
-"""Optimiser schedule: linear warm-up then decay to zero; constant stays constant."""
+"""Optimiser schedules (warm-up, decay, constant) and its settings carried into an enclave."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from shieldtune.config import TrainConfig
 from shieldtune.training.loop import planned_steps
-from shieldtune.training.steps import Optim
+from shieldtune.training.steps import Optim, optim_from_settings, optim_settings
 
 
 def _lrs(optim: Optim, steps: int) -> list[float]:
@@ -35,3 +36,25 @@ def test_constant_schedule_and_empty_params():
 def test_planned_steps():
     assert planned_steps(10, 3, 4, None) == 9
     assert planned_steps(10, 3, 4, 5) == 5
+
+
+def test_optim_settings_round_trip_through_an_enclave_config():
+    train = TrainConfig(weight_decay=0.1, grad_clip=1.0, schedule="linear", warmup_ratio=0.1)
+    config = {"lr": 1e-3, **optim_settings(train)}  # as a host writes it (JSON values)
+    back = optim_from_settings(config)
+    assert vars(back) == optim_settings(train)
+    assert optim_settings(train.model_copy(update={"grad_clip": None}))["grad_clip"] is None
+
+
+@pytest.mark.parametrize(
+    "change", [{"weight_decay": None}, {"warmup_ratio": "x"}, {"schedule": ...}]
+)
+def test_optim_from_settings_refuses_a_missing_or_wrong_setting(change):
+    config = optim_settings(TrainConfig())
+    for key, value in change.items():
+        if value is ...:
+            del config[key]
+        else:
+            config[key] = value
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        optim_from_settings(config)

@@ -37,6 +37,7 @@ from shieldtune.tee.client import SecureClient, connect_local
 from shieldtune.tee.enclave import Enclave, create_enclave
 from shieldtune.tee.program import measure_program
 from shieldtune.training import evaluate, fit
+from shieldtune.training.steps import optim_settings
 
 __all__ = [
     "run_shielded",
@@ -70,10 +71,7 @@ def party_config(
         "num_labels": num_labels,
         "adapter": json.dumps(dict(cfg.adapter), sort_keys=True),
         "lr": float(t.lr),
-        "weight_decay": float(t.weight_decay),
-        "grad_clip": None if t.grad_clip is None else float(t.grad_clip),
-        "schedule": str(t.schedule),
-        "warmup_ratio": float(t.warmup_ratio),
+        **optim_settings(t),
         "seed": int(t.seed),
         "total_steps": int(total_steps),
         "offload": bool(s.offload),

@@ -32,7 +32,6 @@ import resource
 import secrets
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -60,7 +59,7 @@ from shieldtune.tee.attestation import Policy, Verifier
 from shieldtune.tee.program import EnclaveContext, EnclaveProgram
 from shieldtune.training.losses import task_loss
 from shieldtune.training.rng import CLIENT_STREAM, RngStream
-from shieldtune.training.steps import make_optim
+from shieldtune.training.steps import make_optim, optim_from_settings
 
 __all__ = ["PROGRAM", "PROGRAM_NAME", "ShieldedParty"]
 
@@ -320,12 +319,7 @@ def _party() -> ShieldedParty:
 
 def _build(config: dict[str, MetaValue]) -> ShieldedParty:
     try:
-        train = SimpleNamespace(
-            weight_decay=float(config["weight_decay"]),  # type: ignore[arg-type]
-            grad_clip=None if config["grad_clip"] is None else float(config["grad_clip"]),  # type: ignore[arg-type]
-            schedule=str(config["schedule"]),
-            warmup_ratio=float(config["warmup_ratio"]),  # type: ignore[arg-type]
-        )
+        train = optim_from_settings(config)
         num_labels = config["num_labels"]
         return ShieldedParty(
             model=str(config["model"]),

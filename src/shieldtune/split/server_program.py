@@ -27,7 +27,6 @@ changes.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from shieldtune.crypto.framing import Frame, MetaValue
 from shieldtune.errors import ChannelError, ConfigError, EnclaveError
@@ -39,6 +38,7 @@ from shieldtune.split.protocol import (
 )
 from shieldtune.split.server import _ADAPTER, _OPTIM, MAX_PENDING, SplitServer
 from shieldtune.tee.program import EnclaveContext, EnclaveProgram, loaded_modules
+from shieldtune.training.steps import optim_from_settings
 
 __all__ = ["PROGRAM", "SplitServer", "MAX_PENDING"]
 
@@ -58,12 +58,7 @@ def _server() -> SplitServer:
 def _build(config: dict[str, MetaValue]) -> SplitServer:
     try:
         adapter = json.loads(str(config["adapter"]))
-        train = SimpleNamespace(
-            weight_decay=float(config["weight_decay"]),  # type: ignore[arg-type]
-            grad_clip=None if config["grad_clip"] is None else float(config["grad_clip"]),  # type: ignore[arg-type]
-            schedule=str(config["schedule"]),
-            warmup_ratio=float(config["warmup_ratio"]),  # type: ignore[arg-type]
-        )
+        train = optim_from_settings(config)
         num_labels = config["num_labels"]
         return SplitServer(
             model=str(config["model"]),

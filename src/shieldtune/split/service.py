@@ -31,6 +31,7 @@ from shieldtune.tee.audit import AuditLog
 from shieldtune.tee.client import SecureClient
 from shieldtune.tee.enclave import Enclave, create_enclave
 from shieldtune.tee.program import measure_program
+from shieldtune.training.steps import optim_settings
 from shieldtune.transport.grpc_client import GrpcTransport
 from shieldtune.transport.grpc_server import RelayLimits, RelayServer
 
@@ -89,10 +90,7 @@ def program_config(
         "cut": cut,
         "adapter": json.dumps(dict(adapter), sort_keys=True),
         "lr": float(lr),
-        "weight_decay": float(train.weight_decay),
-        "grad_clip": None if train.grad_clip is None else float(train.grad_clip),
-        "schedule": str(train.schedule),
-        "warmup_ratio": float(train.warmup_ratio),
+        **optim_settings(train),
         "seed": int(seed),
         "total_steps": int(total_steps),
         "precision": str(train.precision),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -90,6 +91,33 @@ def make_optim(
         schedule=train.schedule,
         warmup_ratio=train.warmup_ratio,
     )
+
+
+_OPTIM_KEYS = ("weight_decay", "grad_clip", "schedule", "warmup_ratio")
+
+
+def optim_settings(train: Any) -> dict[str, float | str | None]:
+    """What :func:`make_optim` reads of a ``TrainConfig``, as flat values.
+
+    A host puts them into an enclave's measured config; the enclave reads them back with
+    :func:`optim_from_settings`, through the same conversions.
+    """
+    return {
+        "weight_decay": float(train.weight_decay),
+        "grad_clip": None if train.grad_clip is None else float(train.grad_clip),
+        "schedule": str(train.schedule),
+        "warmup_ratio": float(train.warmup_ratio),
+    }
+
+
+def optim_from_settings(config: Mapping[str, Any]) -> SimpleNamespace:
+    """:func:`make_optim`'s ``train`` argument from a config holding :func:`optim_settings`.
+
+    Raises:
+        KeyError: A setting is missing.
+        TypeError, ValueError: A setting is of the wrong kind.
+    """
+    return SimpleNamespace(**optim_settings(SimpleNamespace(**{k: config[k] for k in _OPTIM_KEYS})))
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
