@@ -48,6 +48,16 @@ def test_raw_tdx_quote_with_collateral_verifies(tmp_path: Path, attestation_dir:
     code, out = _run(attestation_dir / "dcap/tdx_quote", policy, False, at=VECTOR_TIME)
     assert code == ExitCode.OK, out
     assert "VERIFIED" in out and "UpToDate" in out
+    # the same policy pinning RTMR3 (the vector's is all zeros) to another value refuses
+    policy.write_text(policy.read_text() + f"allowed_claims: {{rt_mr3: ['{'01' * 48}']}}\n")
+    code, out = _run(attestation_dir / "dcap/tdx_quote", policy, False, at=VECTOR_TIME)
+    assert code == ExitCode.ATTESTATION and "rt_mr3=" + "00" * 48 in out, out
+    policy.write_text(policy.read_text().replace("01" * 48, "00" * 48))
+    assert _run(attestation_dir / "dcap/tdx_quote", policy, False, at=VECTOR_TIME)[0] == 0
+    # unquoted all-digit hex is a YAML number: a config error that says to quote it
+    policy.write_text(policy.read_text().replace("'", ""))
+    code, out = _run(attestation_dir / "dcap/tdx_quote", policy, False, at=VECTOR_TIME)
+    assert code == ExitCode.CONFIG and "number: quote it" in " ".join(out.split()), out
 
 
 def test_strict_default_policy_refuses_and_expired_time_refuses(attestation_dir: Path) -> None:

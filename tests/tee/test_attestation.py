@@ -316,3 +316,69 @@ def test_policy_rejects_unknown_keys_and_bad_values(tmp_path: Path) -> None:
     path.write_text("allow_simulated: true\nallowed_measurements: [AB]\n")
     assert Policy.load(path).allowed_measurements == ["ab"]
     assert Policy().allow_simulated is False and Policy().allow_debug is False
+
+
+# Identity claims besides the measurement, as the genuine vectors report them.
+VECTOR_CLAIMS = {
+    "tdx": {
+        "rt_mr1": "0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7"
+        "aea8c323c173019b3093d54e579e9378",
+        "rt_mr2": "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3"
+        "ba80b70870d7330733642e01d48c3132",
+    },
+    "snp": {"host_data": "00" * 32, "vmpl": "0"},
+    "sgx": {"mr_signer": "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6"},
+}
+
+
+def _verify_claims(root: Path, kind: str, claims: dict[str, list[str]]):
+    evidence = _evidence(root, kind)
+    return Verifier(_policy(kind, allowed_claims=claims)).verify(
+        evidence, expected_report_data=_vector_report_data(evidence, kind), now=VECTOR_TIME
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pinned_claims_of_genuine_evidence_verify_and_another_value_is_refused(
+    attestation_dir: Path, kind: str
+) -> None:
+    # Prepare: the vector's own values (upper-case hex is the same claim)
+    claims = {name: [value.upper(), "11" * 4] for name, value in VECTOR_CLAIMS[kind].items()}
+    # Execute / Assert: its values pass...
+    quote = _verify_claims(attestation_dir, kind, claims)
+    assert {name: quote.details[name] for name in claims} == VECTOR_CLAIMS[kind]
+    # ... and a policy that lists only another value for one claim refuses, naming it
+    name = next(iter(claims))
+    other = "1" if name == "vmpl" else "ab" * (len(VECTOR_CLAIMS[kind][name]) // 2)
+    with pytest.raises(AttestationError, match=f"{name}=.* is not in policy.allowed_claims.{name}"):
+        _verify_claims(attestation_dir, kind, {**claims, name: [other]})
+
+
+@pytest.mark.parametrize(("kind", "claim"), [("sgx", "rt_mr2"), ("tdx", "host_data")])
+def test_a_claim_the_evidence_does_not_report_is_refused(
+    attestation_dir: Path, kind: str, claim: str
+) -> None:
+    with pytest.raises(AttestationError, match=f"does not report {claim}"):
+        _verify_claims(attestation_dir, kind, {claim: ["00" * 32]})
+
+
+def test_simulated_quote_is_refused_under_a_policy_pinning_an_rtmr() -> None:
+    now = unix_time(VECTOR_TIME)
+    verifier = Verifier(_sim_policy(allowed_claims={"rt_mr2": ["00" * 48]}))
+    hello, enclave_public, evidence = _sim_handshake(verifier, now)
+    with pytest.raises(AttestationError, match="simulated evidence does not report rt_mr2"):
+        verifier.verify_channel(evidence, hello=hello, enclave_public=enclave_public, now=now)
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"rtmr1": ["00"]}, "unknown claim 'rtmr1'"),
+        ({"rt_mr1": []}, "is empty"),
+        ({"host_data": ["zz"]}, "not hex"),
+        ({"vmpl": ["0x1"]}, "must be decimal"),
+    ],
+)
+def test_policy_refuses_unknown_empty_or_malformed_claims(claims: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Policy.from_dict({"allowed_claims": claims})

@@ -14,7 +14,9 @@ Evidence kinds and how each is authenticated:
 :meth:`Verifier.verify` returns the verified :class:`Quote` or raises
 :class:`~shieldtune.errors.AttestationError`; it never returns a bool. Checks, in order: nonce
 freshness, simulated evidence allowed, signature / certificate chain / collateral at ``now``,
-report data equal to the expected 64 bytes, measurement in the allow-list, debug off, TCB status.
+report data equal to the expected 64 bytes, measurement in the allow-list, other identity claims
+in theirs (``allowed_claims``: TDX RTMRs, SEV-SNP HOST_DATA, SGX MRSIGNER...), debug off, TCB
+status.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "Evidence",
     "Quote",
     "SnpTcb",
+    "CLAIMS",
     "Policy",
     "NonceRegistry",
     "Verifier",
@@ -82,6 +85,36 @@ def _hex_list(values: list[str], name: str, length: int | None = None) -> list[s
     return out
 
 
+#: Identity claims a policy may pin besides the measurement (``Policy.allowed_claims``), by the
+#: evidence kind that reports each; hex unless listed in ``_DECIMAL_CLAIMS``.
+CLAIMS: dict[str, str] = {
+    "mr_signer": "sgx-dcap",  # hash of the key that signed the enclave
+    "isv_prod_id": "sgx-dcap",
+    "rt_mr0": "tdx-dcap",  # firmware configuration (TDVF, ACPI tables)
+    "rt_mr1": "tdx-dcap",  # OS loader and kernel
+    "rt_mr2": "tdx-dcap",  # kernel command line, initrd
+    "rt_mr3": "tdx-dcap",  # runtime extensions (guest-defined)
+    "mr_config_id": "tdx-dcap",
+    "mr_owner": "tdx-dcap",
+    "mr_seam": "tdx-dcap",  # the TDX module
+    "host_data": "sev-snp",  # 32 bytes the host fixes at launch
+    "vmpl": "sev-snp",
+}
+_DECIMAL_CLAIMS = frozenset({"isv_prod_id", "vmpl"})
+
+
+def _claim_values(name: str, values: list[str]) -> list[str]:
+    if name not in CLAIMS:
+        raise ValueError(f"allowed_claims: unknown claim {name!r}; known: {sorted(CLAIMS)}")
+    if not values:
+        raise ValueError(f"allowed_claims.{name} is empty (it would accept nothing); remove it")
+    if name in _DECIMAL_CLAIMS:
+        if not all(v.strip().isdigit() for v in values):
+            raise ValueError(f"allowed_claims.{name} entries must be decimal, got {values!r}")
+        return [str(int(v)) for v in values]
+    return _hex_list(values, f"allowed_claims.{name}")
+
+
 class SnpTcb(BaseModel):
     """Minimum SEV-SNP TCB component versions (security patch levels)."""
 
@@ -103,6 +136,9 @@ class Policy(BaseModel):
         accepted_tcb_statuses: DCAP TCB statuses accepted for SGX / TDX.
         max_nonce_age_s: A nonce older than this (since issue) is stale.
         max_quote_age_s: A simulated quote signed longer ago than this is stale.
+        allowed_claims: Identity claims besides the measurement, each with its accepted values
+            (names in :data:`CLAIMS`: TDX ``rt_mr0``..``rt_mr3``, SEV-SNP ``host_data``, SGX
+            ``mr_signer``...). A quote that does not report a named claim is refused.
         min_snp_tcb: Minimum SEV-SNP reported TCB, if any.
         amd_ark_fingerprints: Trusted AMD root keys (SHA-256 of their SubjectPublicKeyInfo).
     """
@@ -116,6 +152,7 @@ class Policy(BaseModel):
     accepted_tcb_statuses: list[str] = Field(default_factory=lambda: ["UpToDate"])
     max_nonce_age_s: int = Field(default=300, gt=0)
     max_quote_age_s: int = Field(default=300, gt=0)
+    allowed_claims: dict[str, list[str]] = Field(default_factory=dict)
     min_snp_tcb: SnpTcb | None = None
     amd_ark_fingerprints: list[str] = Field(
         default_factory=lambda: list(AMD_ARK_FINGERPRINTS.values())
@@ -125,6 +162,11 @@ class Policy(BaseModel):
     @classmethod
     def _measurements_hex(cls, v: list[str]) -> list[str]:
         return _hex_list(v, "allowed_measurements")
+
+    @field_validator("allowed_claims")
+    @classmethod
+    def _claims(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: _claim_values(name, values) for name, values in v.items()}
 
     @field_validator("simulated_platform_keys")
     @classmethod
@@ -168,6 +210,11 @@ class Policy(BaseModel):
             problems = [
                 f"{source}: {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
                 + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else "")
+                + (
+                    "; YAML reads unquoted all-digit hex as a number: quote it"
+                    if e["type"] == "string_type" and isinstance(e["input"], int)
+                    else ""
+                )
                 for e in err.errors()
             ]
             raise ConfigError(problems) from None
@@ -321,7 +368,7 @@ class Verifier:
             )
 
     def check_policy(self, quote: Quote) -> None:
-        """Check authenticated claims against the policy: measurement, debug, TCB.
+        """Check authenticated claims against the policy: measurement, other claims, debug, TCB.
 
         :meth:`verify` calls this; call it directly only for offline audits of stored evidence
         (no report-data binding, no freshness).
@@ -336,6 +383,18 @@ class Verifier:
                 f"policy.allowed_measurements {p.allowed_measurements or '(empty)'}; add it if "
                 "you trust this enclave build"
             )
+        for name, accepted in p.allowed_claims.items():
+            have = quote.details.get(name)
+            if have is None:
+                raise AttestationError(
+                    f"{quote.kind} evidence does not report {name}, which policy.allowed_claims "
+                    f"pins (reported by {CLAIMS[name]} evidence)"
+                )
+            if have.lower() not in accepted:
+                raise AttestationError(
+                    f"{quote.kind} claim {name}={have} is not in policy.allowed_claims.{name} "
+                    f"{accepted}"
+                )
         if quote.debug and not p.allow_debug:
             raise AttestationError(
                 f"{quote.kind} TEE runs in DEBUG mode (the host can read its memory) and "
