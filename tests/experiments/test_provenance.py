@@ -6,6 +6,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
 from _experiment import experiment_data, write_experiment
 
 from shieldtune.experiments import load_experiment
@@ -19,6 +20,7 @@ def test_provenance_names_versions_machine_and_table(tmp_path, keyword_table):
     assert set(prov["packages"]) >= {"torch", "transformers", "peft", "flwr", "cryptography"}
     assert prov["packages"]["torch"] == package_versions(("torch",))["torch"]
     assert prov["cpu"] and prov["command"].startswith("shieldtune experiment")
+    assert prov["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # AVX512, AVX2...
     (data,) = prov["data"]
     assert data["dataset"] == "kw" and str(keyword_table) in data["source"]
 

@@ -56,6 +56,22 @@ def test_report_holds_the_table_curves_and_provenance(tiny_experiment, tmp_path)
         assert "macro-F1 is not scored alike" in page  # (HTML escapes the apostrophe)
 
 
+def test_report_warns_when_cells_ran_on_different_cpu_kernels(tiny_experiment, tmp_path):
+    folder = _copy(tiny_experiment, tmp_path)
+    prov = json.loads((folder / "provenance.json").read_text())
+    (first, *_) = prov["invocations"]
+    kernels = first["cpu_kernels"]
+    other = {**first, "cpu_kernels": "AVX2" if kernels != "AVX2" else "AVX512"}
+    for extra, warned in (([], False), ([other], True)):
+        (folder / "provenance.json").write_text(
+            json.dumps({"invocations": [*prov["invocations"], *extra]})
+        )
+        assert run_cli("report", str(folder)).exit_code == 0
+        md = (folder / "report.md").read_text()
+        assert ("cells ran on different CPUs" in md) is warned
+        assert f"torch kernels {other['cpu_kernels'] if warned else kernels}" in md  # the latest
+
+
 def test_report_reads_attack_rows_and_benchmark_lines(tiny_experiment, tmp_path):
     folder = _copy(tiny_experiment, tmp_path)
     (folder / "attacks").mkdir()

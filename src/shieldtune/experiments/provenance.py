@@ -19,6 +19,7 @@ __all__ = [
     "PACKAGES",
     "PROVENANCE_JSON",
     "cpu_name",
+    "cpu_kernels",
     "package_versions",
     "source_revision",
     "provenance",
@@ -38,6 +39,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_kernels() -> str:
+    """The CPU kernel set torch dispatches to here (``AVX512``, ``AVX2``, ``DEFAULT``...): the same
+    CPU model name can come with different instruction sets, and times follow the kernels."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -148,6 +157,7 @@ def provenance(plan: ExperimentPlan, argv: list[str] | None = None) -> dict[str,
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_kernels": cpu_kernels(),
         "accelerator": _accelerator(),
         "packages": package_versions(),
         "source_revision": source_revision(),

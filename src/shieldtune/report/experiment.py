@@ -297,10 +297,14 @@ def _provenance_section(folder: Path, results: dict[str, Any]) -> Section:
         )
         return s
     last = invocations[-1]
+
+    def kernels(inv: dict) -> str:
+        return f", torch kernels {inv['cpu_kernels']}" if inv.get("cpu_kernels") else ""
+
     machine = [
         ["python", str(last.get("python"))],
         ["platform", str(last.get("platform"))],
-        ["CPU", f"{last.get('cpu')} ({last.get('cpu_count')} logical cores)"],
+        ["CPU", f"{last.get('cpu')} ({last.get('cpu_count')} logical cores{kernels(last)})"],
         ["accelerator", str(last.get("accelerator"))],
         *[[name, str(v or "not installed")] for name, v in last.get("packages", {}).items()],
     ]
@@ -313,6 +317,14 @@ def _provenance_section(folder: Path, results: dict[str, Any]) -> Section:
     s.blocks.append(Table(["invocation", "command", "cells run"], inv, numeric=(2,)))
     if len({json.dumps(i.get("packages"), sort_keys=True) for i in invocations}) > 1:
         s.blocks.append(Paragraph("Warning: package versions differ between invocations."))
+    cpus = sorted({f"{i.get('cpu')}{kernels(i)}" for i in invocations if i.get("cpu_kernels")})
+    if len(cpus) > 1:
+        s.blocks.append(
+            Paragraph(
+                f"Warning: cells ran on different CPUs ({'; '.join(cpus)}): their times compare "
+                "across machines."
+            )
+        )
     data = last.get("data", [])
     if data:
         s.blocks.append(Paragraph("Data attribution (keep it with any result built on the data):"))
