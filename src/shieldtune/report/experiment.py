@@ -321,8 +321,8 @@ def _provenance_section(folder: Path, results: dict[str, Any]) -> Section:
     if len(cpus) > 1:
         s.blocks.append(
             Paragraph(
-                f"Warning: cells ran on different CPUs ({'; '.join(cpus)}): their times compare "
-                "across machines."
+                f"Warning: cells ran on different CPUs ({'; '.join(cpus)}): times from "
+                "different machines do not compare directly."
             )
         )
     data = last.get("data", [])
