@@ -206,12 +206,13 @@ def test_a_model_trained_to_overfit_a_handful_of_examples_scores_them_correctly(
     model.train()
     targets = enc["labels"][:, 1:]  # (5, T-1), token t+1 is predicted at t
     answer = targets != IGNORE_INDEX
+    index = targets.clamp(min=0)[..., None]  # (5, T-1, 1), prompt positions read token 0
     for _ in range(300):  # about 110 steps
         logits = whole(enc["input_ids"], enc["attention_mask"])  # (5, T, V)
         loss = task_loss(logits, enc["labels"], "causal-lm")
         logp = logits[:, :-1].detach().log_softmax(-1)  # (5, T-1, V)
-        gold = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (5, T-1)
-        runner_up = logp.scatter(-1, targets.clamp(min=0)[..., None], -torch.inf).amax(-1)
+        gold = logp.gather(-1, index)[..., 0]  # (5, T-1)
+        runner_up = logp.scatter(-1, index, -torch.inf).amax(-1)
         if bool((gold - runner_up)[answer].min() > 1.0):  # gold beats every other token by e
             break
         opt.zero_grad()
@@ -225,6 +226,7 @@ def test_a_model_trained_to_overfit_a_handful_of_examples_scores_them_correctly(
         whole, tok, sample, max_length=TIGHT, max_new_tokens=40, batch_size=5, task_prompt=SHORT
     )
     # Assert
+    assert loss.item() < 0.1
     assert before["accuracy"] < 1.0  # an untrained model does not already get them right
     assert after["accuracy"] == 1.0 and after["predictions"] == sample.labels()
     assert gen["accuracy"] == 1.0 and gen["invalid_rate"] == 0.0
