@@ -227,6 +227,31 @@ def test_collect_writes_the_table_of_copied_cells_and_runs_nothing(
     assert "ran another config" in refused.output and calls == []
 
 
+def test_table_says_over_how_many_seeds_a_metric_some_cells_lack(
+    tiny_experiment, tmp_path, keyword_table
+):
+    # Prepare: one cell's record gone, as for a run folder copied in from outside the
+    # experiment (only a cell run in the folder records its wall time)
+    config, out = _copy(tiny_experiment, tmp_path, keyword_table)
+    (out / "cells" / "kw__local-lora__seed1.json").unlink()
+    # Execute
+    result = run_cli("experiment", str(config), "--collect")
+    # Assert: that row's wall time is over 1 of its 2 seeds, and the table says so
+    assert result.exit_code == 0, result.output
+    summary = {s["row"]: s for s in _results(out)["summary"]}
+    lora, split = summary[ROWS[0]["name"]], summary[ROWS[1]["name"]]
+    assert lora["n_ok"] == 2 and lora["wall_s"]["n"] == 1 and lora["accuracy"]["n"] == 2
+    rows: dict[str, str] = {}  # each row's first line: the mean ± std table's
+    for line in (out / "results.md").read_text().splitlines():
+        if line.startswith("| kw | "):
+            rows.setdefault(line.split(" | ")[1], line)
+    lora_line = rows[ROWS[0]["name"]]
+    assert f"{fmt_stat('wall_s', lora['wall_s'])} (1 of 2 seeds)" in lora_line
+    assert lora_line.count("of 2 seeds") == 1  # accuracy, train time: every seed, unmarked
+    # Negative: the row whose cells all kept their records is not marked
+    assert split["wall_s"]["n"] == 2 and "seeds)" not in rows[ROWS[1]["name"]]
+
+
 def test_selected_cells_run_and_every_cell_is_tabled(tmp_path, keyword_table, monkeypatch):
     # Prepare: a fresh folder; recipes counted (and run for real)
     out = tmp_path / "out"

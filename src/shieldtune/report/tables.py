@@ -64,6 +64,14 @@ def fmt_stat(key: str, stat: dict[str, Any] | None) -> str:
     return f"{mean} ± {float(stat['std']):.{_DIGITS.get(key, 3)}f}"
 
 
+def _summary_stat(key: str, stat: dict[str, Any] | None, n_ok: int) -> str:
+    """``fmt_stat``, saying over how many seeds when some completed cells lack the metric
+    (e.g. the wall time of a cell copied in from a run outside the experiment)."""
+    n = (stat or {}).get("n") or 0
+    text = fmt_stat(key, stat)
+    return f"{text} ({n} of {n_ok} seeds)" if 0 < n < n_ok else text
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -117,7 +125,7 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[li
                 str(s.get("mode") or "?"),
                 _method(s),
                 seeds,
-                *(fmt_stat(k, s.get(k)) for k in METRICS),
+                *(_summary_stat(k, s.get(k), s.get("n_ok", 0)) for k in METRICS),
             ]
         )
     return headers, rows
